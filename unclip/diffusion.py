@@ -91,6 +91,7 @@ class GaussianDiffusion:
         variance: reverse-process variance, ``fixed_small`` (posterior) or ``fixed_large`` (beta).
         loss_weighting: ``none`` (plain MSE on the prediction) or ``min_snr`` (Hang et al. 2023).
         timestep_map: for a respaced process, the original timestep of each step (fed to the net).
+        alphas_cumprod: exact cumulative products (respacing), instead of cumprod(1 - betas).
     """
 
     def __init__(
@@ -102,6 +103,7 @@ class GaussianDiffusion:
         min_snr_gamma: float = 5.0,
         clip_denoised: bool = True,
         timestep_map: Sequence[int] | None = None,
+        alphas_cumprod: np.ndarray | None = None,
     ) -> None:
         self.prediction = check_choice("prediction", prediction, PREDICTIONS)
         self.variance = check_choice("variance", variance, VARIANCES)
@@ -110,6 +112,9 @@ class GaussianDiffusion:
         self.clip_denoised = clip_denoised
         betas = np.asarray(betas, dtype=np.float64)
         assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all()
+        if alphas_cumprod is not None:  # exact values (respacing), not a cumprod of 1 - beta
+            ac = np.asarray(alphas_cumprod, dtype=np.float64)
+            assert ac.shape == betas.shape
         self.num_timesteps = len(betas)
         self.timestep_map = torch.tensor(
             list(timestep_map) if timestep_map is not None else range(self.num_timesteps),
@@ -117,7 +122,8 @@ class GaussianDiffusion:
         )
 
         alphas = 1.0 - betas
-        ac = np.cumprod(alphas)
+        if alphas_cumprod is None:
+            ac = np.cumprod(alphas)
         ac_prev = np.append(1.0, ac[:-1])
         post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
         c = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float64))  # noqa: E731
@@ -130,7 +136,8 @@ class GaussianDiffusion:
         self.sqrt_recipm1_alphas_cumprod = c(np.sqrt(1.0 / ac - 1.0))
         self.posterior_variance = c(post_var)
         # log of the posterior variance, with the t=0 entry (0) replaced by t=1's
-        self.posterior_log_variance_clipped = c(np.log(np.append(post_var[1], post_var[1:])))
+        clipped = np.append(post_var[1], post_var[1:]) if len(betas) > 1 else betas
+        self.posterior_log_variance_clipped = c(np.log(clipped))
         self.posterior_mean_coef1 = c(betas * np.sqrt(ac_prev) / (1.0 - ac))
         self.posterior_mean_coef2 = c((1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac))
         self.snr = c(ac / (1.0 - ac))
@@ -167,6 +174,7 @@ class GaussianDiffusion:
             min_snr_gamma=self.min_snr_gamma,
             clip_denoised=self.clip_denoised,
             timestep_map=self.timestep_map[kept].tolist(),
+            alphas_cumprod=ac[kept],
         )
 
     def _model(self, model_fn: ModelFn, x: Tensor, t: Tensor) -> Tensor:
@@ -233,17 +241,26 @@ class GaussianDiffusion:
         )
 
     def predictions(
-        self, model_fn: ModelFn, x_t: Tensor, t: Tensor, denoised_fn: DenoisedFn | None = None
+        self,
+        model_fn: ModelFn,
+        x_t: Tensor,
+        t: Tensor,
+        denoised_fn: DenoisedFn | None = None,
+        clip_denoised: bool | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """(x0, eps) predicted at (x_t, t), x0 clamped / post-processed and eps made consistent."""
+        """(x0, eps) predicted at (x_t, t), x0 clamped / post-processed and eps made consistent.
+
+        ``clip_denoised`` overrides the process default (clamping x0 to [-1, 1]).
+        """
+        clip = self.clip_denoised if clip_denoised is None else clip_denoised
         out = self._model(model_fn, x_t, t)
         assert out.shape == x_t.shape, f"model output {tuple(out.shape)} != x {tuple(x_t.shape)}"
         x0 = self.x0_from_output(out, x_t, t)
         if denoised_fn is not None:
             x0 = denoised_fn(x0)
-        if self.clip_denoised:
+        if clip:
             x0 = x0.clamp(-1.0, 1.0)
-        if self.prediction == "eps" and denoised_fn is None and not self.clip_denoised:
+        if self.prediction == "eps" and denoised_fn is None and not clip:
             return x0, out
         return x0, self.predict_eps_from_x0(x_t, t, x0)
 
@@ -333,9 +350,10 @@ class GaussianDiffusion:
         eta: float = 0.0,
         generator: Generators = None,
         denoised_fn: DenoisedFn | None = None,
+        clip_denoised: bool | None = None,
     ) -> tuple[Tensor, Tensor]:
         """One DDIM update x_t → x_{t-1} (Song et al. 2021, eq. 12). Returns (x_prev, x0)."""
-        x0, eps = self.predictions(model_fn, x_t, t, denoised_fn)
+        x0, eps = self.predictions(model_fn, x_t, t, denoised_fn, clip_denoised)
         ab = _extract(self.alphas_cumprod, t, x_t)
         ab_prev = _extract(self.alphas_cumprod_prev, t, x_t)
         sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
@@ -356,13 +374,14 @@ class GaussianDiffusion:
         device: torch.device | str = "cpu",
         denoised_fn: DenoisedFn | None = None,
         progress: Progress | None = None,
+        clip_denoised: bool | None = None,
     ) -> Tensor:
         """DDIM sampling; ``eta=0`` is deterministic given x_T, ``eta=1`` is DDPM-like."""
         x = noise if noise is not None else randn(shape, generator, device=device)
         B = x.shape[0]
         for n, i in enumerate(reversed(range(self.num_timesteps))):
             t = torch.full((B,), i, dtype=torch.long, device=x.device)
-            x, _ = self.ddim_step(model_fn, x, t, eta, generator, denoised_fn)
+            x, _ = self.ddim_step(model_fn, x, t, eta, generator, denoised_fn, clip_denoised)
             if progress:
                 progress(n + 1, self.num_timesteps)
         return x
@@ -373,29 +392,40 @@ class GaussianDiffusion:
         model_fn: ModelFn,
         x0: Tensor,
         denoised_fn: DenoisedFn | None = None,
+        fixed_point_iters: int = 0,
         progress: Progress | None = None,
     ) -> Tensor:
-        """DDIM inversion (eta = 0): data x_0 → latent x_T that DDIM sampling maps back to x_0.
+        """DDIM inversion (eta = 0): data x_0 -> latent x_T that DDIM sampling maps back.
 
-        Runs the deterministic DDIM ODE forwards in time (used for variations, interpolation
-        and text diffs, PAPER.md section 3). Clamping of x0 is disabled here.
+        Runs the deterministic DDIM ODE forwards in time (variations, interpolation and text
+        diffs, PAPER.md section 3); x0 is never clamped here, so sample back with
+        ``clip_denoised=False`` for a faithful round trip. The plain update evaluates eps one
+        step behind (x still at step i-1); ``fixed_point_iters`` > 0 re-evaluates eps at the
+        new point, solving the implicit DDIM step so that sampling inverts it exactly.
         """
-        clip, self.clip_denoised = self.clip_denoised, False
-        try:
-            x = x0
-            B = x.shape[0]
-            for i in range(self.num_timesteps):
-                t = torch.full((B,), i, dtype=torch.long, device=x.device)
-                # x sits at step i-1 (the data at i=0); the net is evaluated at step i, the
-                # usual one-step-lagged approximation of the implicit update
-                pred_x0, eps = self.predictions(model_fn, x, t, denoised_fn)
-                ab = _extract(self.alphas_cumprod, t, x)
-                x = pred_x0 * torch.sqrt(ab) + torch.sqrt(1 - ab) * eps
-                if progress:
-                    progress(i + 1, self.num_timesteps)
-            return x
-        finally:
-            self.clip_denoised = clip
+        x = x0
+        B = x.shape[0]
+        for i in range(self.num_timesteps):
+            t = torch.full((B,), i, dtype=torch.long, device=x.device)
+            ab_prev = _extract(self.alphas_cumprod_prev, t, x)
+            ab = _extract(self.alphas_cumprod, t, x)
+
+            def renoise(
+                eps: Tensor, x: Tensor = x, ab_prev: Tensor = ab_prev, ab: Tensor = ab
+            ) -> Tensor:
+                # split x into (x0, eps) at its own level (step i-1), re-noise to step i
+                clean = (x - torch.sqrt(1 - ab_prev) * eps) / torch.sqrt(ab_prev)
+                return clean * torch.sqrt(ab) + torch.sqrt(1 - ab) * eps
+
+            _, eps = self.predictions(model_fn, x, t, denoised_fn, clip_denoised=False)
+            x_next = renoise(eps)
+            for _ in range(fixed_point_iters):
+                _, eps = self.predictions(model_fn, x_next, t, denoised_fn, clip_denoised=False)
+                x_next = renoise(eps)
+            x = x_next
+            if progress:
+                progress(i + 1, self.num_timesteps)
+        return x
 
 
 # ---------------------------------------------------------------------- guidance
