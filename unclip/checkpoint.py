@@ -25,6 +25,7 @@ from unclip.config import (
     ConfigError,
     DecoderConfig,
     PriorConfig,
+    SamplingSettings,
     StageConfig,
     UpsamplerConfig,
     from_dict,
@@ -109,20 +110,6 @@ def load_train_state(uri: str) -> dict[str, Any] | None:
 
 # ---------------------------------------------------------------------- bundles
 @dataclass(frozen=True)
-class SamplingDefaults:
-    """Default generation settings stored in a bundle (overridable per request)."""
-
-    prior_steps: int = 64
-    prior_guidance_scale: float = 1.0
-    prior_eta: float = 1.0
-    candidates: int = 2
-    decoder_steps: int = 50
-    decoder_guidance_scale: float = 3.0
-    decoder_eta: float = 0.0
-    upsampler_steps: int = 27
-
-
-@dataclass(frozen=True)
 class BundleSpec:
     """Contents of ``bundle.json``."""
 
@@ -130,7 +117,7 @@ class BundleSpec:
     clip: dict[str, Any] = field(default_factory=dict)  # ClipIdentity as JSON
     clip_path: str = ""  # subdirectory with a CLIP checkpoint, or "" for an open_clip name
     stages: tuple[str, ...] = ()  # subdirectories, in pipeline order
-    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
 
 def make_bundle(
@@ -140,7 +127,7 @@ def make_bundle(
     decoder: str,
     upsamplers: list[str] | tuple[str, ...] = (),
     clip_pretrained: str = "",
-    sampling: SamplingDefaults | None = None,
+    sampling: SamplingSettings | None = None,
 ) -> BundleSpec:
     """Assemble a bundle from stage checkpoints (copies config + EMA weights only).
 
@@ -165,7 +152,7 @@ def make_bundle(
     if sampling is None:
         p, d = configs[0], configs[1]
         assert isinstance(p, PriorConfig) and isinstance(d, DecoderConfig)
-        sampling = SamplingDefaults(
+        sampling = SamplingSettings(
             prior_steps=p.sample_steps,
             prior_guidance_scale=p.guidance_scale,
             prior_eta=p.sample_eta,

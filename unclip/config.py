@@ -194,6 +194,20 @@ class UpsamplerConfig:
             raise ConfigError("upsampler net.low_res_channels must be > 0")
 
 
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Generation settings: a bundle's defaults, overridable per request."""
+
+    prior_steps: int = 64
+    prior_guidance_scale: float = 1.0
+    prior_eta: float = 1.0
+    candidates: int = 2
+    decoder_steps: int = 50
+    decoder_guidance_scale: float = 3.0
+    decoder_eta: float = 0.0
+    upsampler_steps: int = 27
+
+
 StageConfig = PriorConfig | DecoderConfig | UpsamplerConfig
 STAGE_CONFIGS: dict[str, type] = {
     "prior": PriorConfig,

@@ -64,6 +64,7 @@ class Decoder(nn.Module):
         noise: Tensor | None = None,
         generator: Generators = None,
         progress: Progress | None = None,
+        clip_denoised: bool | None = None,
     ) -> Tensor:
         """Images (B, 3, S, S) in [-1, 1] from CLIP image embeddings (B, D).
 
@@ -84,6 +85,7 @@ class Decoder(nn.Module):
             generator=generator,
             device=clip_emb.device,
             progress=progress,
+            clip_denoised=clip_denoised,
         ).clamp(-1, 1)
 
     @torch.no_grad()
@@ -94,13 +96,17 @@ class Decoder(nn.Module):
         text: TextCond | None = None,
         steps: int | None = None,
         guidance_scale: float = 1.0,
+        fixed_point_iters: int = 1,
         progress: Progress | None = None,
     ) -> Tensor:
-        """DDIM inversion: images (B, 3, S, S) -> x_T such that ``sample(noise=x_T, eta=0)``
-        with the same steps and scale reconstructs them."""
+        """DDIM inversion: images (B, 3, S, S) -> x_T such that ``sample(noise=x_T, eta=0,
+        clip_denoised=False)`` with the same steps and scale reconstructs them."""
         diffusion = self.diffusion.respace(
             min(steps or self.config.sample_steps, self.diffusion.num_timesteps)
         )
         return diffusion.ddim_invert(
-            self._model_fn(clip_emb, text, guidance_scale), images, progress=progress
+            self._model_fn(clip_emb, text, guidance_scale),
+            images,
+            fixed_point_iters=fixed_point_iters,
+            progress=progress,
         )
