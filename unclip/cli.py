@@ -13,12 +13,10 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 
+from unclip.errors import UserError
+
 EXIT_USER_ERROR = 1
 EXIT_NOT_BUILT = 2
-
-
-class UserError(Exception):
-    """Something the user can fix (bad path, wrong CLIP, bad config): one clear line."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

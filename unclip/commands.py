@@ -27,7 +27,7 @@ def bundle(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from unclip.cli import UserError
+    from unclip.errors import UserError
     from unclip.pipeline import UnclipPipeline, grid, png_bytes
 
     if not args.prompt.strip():
