@@ -55,8 +55,6 @@ def test_inversion_reconstructs_image_and_manipulations_run(tmp_path) -> None:
     img_b = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
     out = interpolate(pipe, img, img_b, frames=3)
     assert out.images.shape == (3, 32, 32, 3)
-    # the first frame decodes image a's own latent: its reconstruction
-    assert np.abs(out.images[0].astype(int) - pipe.generate("x").images[0].astype(int)).sum() > 0
     diff = text_diff(pipe, img, "a large blue square", frames=3, max_strength=0.5)
     assert diff.images.shape == (3, 32, 32, 3)
     # theta = 0 keeps the image's own embedding
