@@ -153,6 +153,41 @@ class PriorConfig:
 
 
 @dataclass(frozen=True)
+class ARPriorNetConfig:
+    """Autoregressive prior (PAPER.md, "Priors"): PCA-reduced, quantised image embeddings
+    predicted token by token by a causal Transformer conditioned on the text."""
+
+    embed_dim: int = 128
+    pca_dims: int = 64  # principal components kept (paper: 319 of 1024)
+    bins: int = 256  # quantisation buckets per component (paper: 1024)
+    text_width: int = 0
+    max_text_len: int = 32
+    width: int = 256
+    layers: int = 6
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ConfigError(f"width {self.width} must be divisible by heads {self.heads}")
+        if not 1 <= self.pca_dims <= self.embed_dim:
+            raise ConfigError(f"pca_dims must be in [1, {self.embed_dim}], got {self.pca_dims}")
+
+
+@dataclass(frozen=True)
+class ARPriorConfig:
+    stage: Literal["ar_prior"] = "ar_prior"
+    net: ARPriorNetConfig = field(default_factory=ARPriorNetConfig)
+    clip: ClipRef = field(default_factory=ClipRef)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, weight_decay=1e-2))
+    text_drop_prob: float = 0.1
+    temperature: float = 1.0
+    guidance_scale: float = 1.0
+    dot_top_fraction: float = 0.5  # sample the z_i . z_t token from the top half (paper)
+
+
+@dataclass(frozen=True)
 class DecoderConfig:
     """The 64 px (here: base-resolution) decoder stage."""
 
@@ -208,9 +243,10 @@ class SamplingSettings:
     upsampler_steps: int = 27
 
 
-StageConfig = PriorConfig | DecoderConfig | UpsamplerConfig
+StageConfig = PriorConfig | ARPriorConfig | DecoderConfig | UpsamplerConfig
 STAGE_CONFIGS: dict[str, type] = {
     "prior": PriorConfig,
+    "ar_prior": ARPriorConfig,
     "decoder": DecoderConfig,
     "upsampler": UpsamplerConfig,
 }

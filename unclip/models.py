@@ -4,18 +4,27 @@ from __future__ import annotations
 
 from torch import nn
 
-from unclip.config import DecoderConfig, PriorConfig, StageConfig, UpsamplerConfig
+from unclip.ar_prior import ARPrior
+from unclip.config import (
+    ARPriorConfig,
+    DecoderConfig,
+    PriorConfig,
+    StageConfig,
+    UpsamplerConfig,
+)
 from unclip.decoder import Decoder
 from unclip.prior import DiffusionPrior
 from unclip.upsampler import Upsampler
 
-StageModel = DiffusionPrior | Decoder | Upsampler
+StageModel = DiffusionPrior | ARPrior | Decoder | Upsampler
 
 
 def build_model(config: StageConfig) -> StageModel:
-    """Prior, decoder or upsampler for ``config`` (randomly initialised)."""
+    """Prior (diffusion or autoregressive), decoder or upsampler (randomly initialised)."""
     if isinstance(config, PriorConfig):
         return DiffusionPrior(config)
+    if isinstance(config, ARPriorConfig):
+        return ARPrior(config)
     if isinstance(config, DecoderConfig):
         return Decoder(config)
     if isinstance(config, UpsamplerConfig):
