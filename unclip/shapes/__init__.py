@@ -1,0 +1,1 @@
+"""The procedural "shapes" dataset: vocabulary, renderer, captions and the attribute oracle."""
