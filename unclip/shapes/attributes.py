@@ -35,7 +35,7 @@ BACKGROUNDS: dict[str, RGB] = {
     "white": (245, 245, 245),
     "black": (20, 20, 20),
     "beige": (225, 205, 160),
-    "navy": (20, 30, 80),
+    "navy": (25, 35, 100),
 }
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -29,7 +30,6 @@ from PIL import Image
 from unclip.shapes.attributes import (
     BACKGROUNDS,
     COLOURS,
-    MARGIN,
     NONE,
     SHAPES,
     SIZES,
@@ -46,6 +46,7 @@ MAX_BACKGROUND_DISTANCE = 0.25  # farther from every background colour -> backgr
 CONTRAST = 0.18  # smoothed RGB distance from the background that counts as foreground
 MIN_MASS = 0.01  # smallest object, as a fraction of the image area (a small triangle is ~0.036)
 SECOND_OBJECT_RATIO = 0.3  # a further object must have >= this fraction of the largest's mass
+COLOUR_TIE = 0.05  # mixing-line scores this close: read the object with both colours
 MAX_COLOUR_RESIDUAL = 0.25  # worse mixing-line fit (RGB distance) -> colour "none"
 MAX_SHAPE_ERROR = 0.2  # worse relative L2 template error (noise removed) -> "none"
 TEMPLATE_BLURS = (0.0, 0.8, 1.6)  # Gaussian sigmas (px) tried on shape templates
@@ -55,9 +56,6 @@ CENTRE_THRESHOLD = 0.075  # max |offset| of the box centre from the image centre
 
 _PALETTE = np.asarray(list(COLOURS.values()), dtype=np.float32) / 255  # (K, 3)
 _BACKGROUNDS = np.asarray(list(BACKGROUNDS.values()), dtype=np.float32) / 255  # (B, 3)
-
-# Corner objects sit this far from the centre: at least the large ones' offset minus jitter.
-assert CENTRE_THRESHOLD < 0.5 - MARGIN - (SIZES["large"] + 0.03) / 2 - 0.025
 
 
 @dataclass(frozen=True)
@@ -209,15 +207,14 @@ def _background(x: np.ndarray) -> tuple[str, np.ndarray, np.ndarray]:
     return name, rgb, noise
 
 
-def _colour(pixels: np.ndarray, weights: np.ndarray, bg: np.ndarray) -> tuple[int, float]:
-    """Palette index whose mixing line bg -> colour best fits ``pixels`` (N, 3), and its residual."""
+def _colour_scores(pixels: np.ndarray, weights: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    """Per palette colour (K,): weighted mean RGB distance of ``pixels`` (N, 3) from the segment
+    bg -> colour. Blurred edges are mixtures of object and background, so they lie on it."""
     v = _PALETTE - bg  # (K, 3)
     rel = pixels - bg  # (N, 3)
     t = np.clip(rel @ v.T / np.maximum((v * v).sum(1), 1e-6), 0.0, 1.0)  # (N, K)
     resid = np.linalg.norm(rel[:, None, :] - t[..., None] * v[None], axis=-1)  # (N, K)
-    score = weights @ resid / weights.sum()  # (K,)
-    k = int(np.argmin(score))
-    return k, float(score[k])
+    return weights @ resid / weights.sum()
 
 
 def _position(cx: float, cy: float) -> str:
@@ -227,50 +224,56 @@ def _position(cx: float, cy: float) -> str:
     return ("top" if dy < 0 else "bottom") + "_" + ("left" if dx < 0 else "right")
 
 
-def _fit_shape(
-    alpha: np.ndarray, cx: float, cy: float, area: float, amplitude: float
-) -> tuple[float, str, float, float, float]:
+class _Fit(NamedTuple):
+    """A shape fitted to a coverage map; ``template`` (H, W) is its unit-amplitude coverage."""
+
+    sq_error: float
+    shape: str
+    cy: float
+    side: float
+    amplitude: float
+    template: np.ndarray
+
+
+def _fit_shape(alpha: np.ndarray, cx: float, cy: float, area: float, amplitude: float) -> _Fit:
     """Best shape template for coverage ``alpha`` (H, W) with mass ``area`` and centroid cx, cy.
 
     Each shape's box has the side and centre that give its template (times ``amplitude``) the
-    observed mass and centroid; templates are also tried Gaussian-blurred.
-    Returns (squared error, shape, box centre y, side, least-squares amplitude of the best).
+    observed mass and centroid; templates are also tried Gaussian-blurred. The returned
+    amplitude is the least-squares one of the best template (clamped).
     """
     size = alpha.shape[0]
-    best: tuple[float, str, float, float, float] = (np.inf, NONE, cy, 0.0, amplitude)
+    best = _Fit(np.inf, NONE, cy, 0.0, amplitude, np.zeros_like(alpha))
     for shape in SHAPES:
         side = float(np.sqrt(area / (amplitude * SHAPE_AREA[shape])))
         box_cy = cy - SHAPE_CENTROID_DY[shape] * side
         template = coverage(shape, cx, box_cy, side, size)
         for sigma in TEMPLATE_BLURS:
-            t = amplitude * _gaussian(template, sigma)
-            sq = float(((alpha - t) ** 2).sum())
-            if sq < best[0]:
-                fitted = amplitude * float((alpha * t).sum()) / max(float((t * t).sum()), 1e-6)
-                best = (
-                    sq,
-                    shape,
-                    box_cy,
-                    side,
-                    float(np.clip(fitted, 1 - MAX_AMPLITUDE_CHANGE, 1 + MAX_AMPLITUDE_CHANGE)),
-                )
+            t = _gaussian(template, sigma)
+            sq = float(((alpha - amplitude * t) ** 2).sum())
+            if sq < best.sq_error:
+                fitted = float((alpha * t).sum()) / max(float((t * t).sum()), 1e-6)
+                fitted = float(np.clip(fitted, 1 - MAX_AMPLITUDE_CHANGE, 1 + MAX_AMPLITUDE_CHANGE))
+                best = _Fit(sq, shape, box_cy, side, fitted, t)
     return best
 
 
-def _read_object(
-    x: np.ndarray, smooth: np.ndarray, bg: np.ndarray, noise: np.ndarray, comp: np.ndarray
-) -> Detection | None:
-    """Read the object of component mask ``comp`` (H, W); None if it has too little mass.
+class _Reading(NamedTuple):
+    """Coverage of an object along the colour line bg -> palette[k], and the shape fitted to it."""
 
-    x, smooth: raw and box-smoothed image (H, W, 3); bg, noise: background RGB and noise std (3,).
-    """
+    k: int
+    alpha: np.ndarray  # (H, W) coverage, zero outside the object's region
+    cx: float  # centroid x (normalised)
+    area: float  # mass as a fraction of the image
+    fit: _Fit
+    unmixed_k: int  # palette colour nearest the colour unmixed with the fitted coverage
+
+
+def _read_along(x: np.ndarray, bg: np.ndarray, region: np.ndarray, k: int) -> _Reading | None:
+    """Fit the object in ``region`` (H, W) assuming colour ``k``; None if it has too little mass."""
     size = x.shape[0]
-    dist = np.linalg.norm(smooth[comp] - bg, axis=-1)
-    k, residual = _colour(smooth[comp], dist, bg)
     v = _PALETTE[k] - bg
-    vv = float(v @ v)
-    region = _dilate(comp, 2)
-    alpha = np.where(region, (x - bg) @ v / vv, 0.0).astype(np.float32)  # (H, W)
+    alpha = np.where(region, (x - bg) @ v / float(v @ v), 0.0).astype(np.float32)  # (H, W)
     mass = float(alpha.sum())
     if mass < MIN_MASS * size * size:
         return None
@@ -281,22 +284,68 @@ def _read_object(
     # Shapes are ranked by plain L2 error: pixel noise adds the same energy to every candidate.
     # The first pass assumes the palette colour (amplitude 1); if the best fit says the object
     # is fainter or stronger (shifted colours), refit all shapes with that amplitude.
-    sq, shape, box_cy, side, amplitude = _fit_shape(alpha, cx, cy, area, 1.0)
-    if abs(amplitude - 1.0) > 0.02:
-        sq, shape, box_cy, side, amplitude = _fit_shape(alpha, cx, cy, area, amplitude)
+    fit = _fit_shape(alpha, cx, cy, area, 1.0)
+    if abs(fit.amplitude - 1.0) > 0.02:
+        fit = _fit_shape(alpha, cx, cy, area, fit.amplitude)
+    # Unmix the colour with the fitted coverage (blur included): least squares of
+    # x - bg = coverage * (colour - bg) over the region.
+    t = np.where(region, fit.template, 0.0)
+    unmixed = bg + np.einsum("hw,hwc->c", t, x - bg) / max(float((t * t).sum()), 1e-6)
+    unmixed_k = int(np.argmin(np.linalg.norm(_PALETTE - unmixed, axis=1)))
+    return _Reading(k, alpha, cx, area, fit, unmixed_k)
+
+
+def _read_object(
+    x: np.ndarray, smooth: np.ndarray, bg: np.ndarray, noise: np.ndarray, comp: np.ndarray
+) -> Detection | None:
+    """Read the object of component mask ``comp`` (H, W); None if it has too little mass.
+
+    x, smooth: raw and box-smoothed image (H, W, 3); bg, noise: background RGB and noise std (3,).
+    A colour guess (the best mixing line, and the runner-up if within ``COLOUR_TIE``) fixes
+    the coverage map and so the shape fit; the fit unmixes the colour, and if that names
+    another palette colour the object is read with it too. The reading kept confirms its own
+    colour and has the lowest relative shape error.
+    """
+    dist = np.linalg.norm(smooth[comp] - bg, axis=-1)
+    scores = _colour_scores(smooth[comp], dist, bg)
+    order = np.argsort(scores, kind="stable").tolist()
+    candidates = [order[0]] + [k for k in order[1:2] if scores[k] - scores[order[0]] < COLOUR_TIE]
+    region = _dilate(comp, 2)
+    readings: dict[int, _Reading] = {}
+    tried: set[int] = set()
+    while candidates:
+        k = candidates.pop(0)
+        tried.add(k)
+        reading = _read_along(x, bg, region, k)
+        if reading is not None:
+            readings[k] = reading
+            if reading.unmixed_k not in tried | set(candidates):
+                candidates.append(reading.unmixed_k)
+    # Prefer readings that confirm their own colour, then the best relative shape fit.
+    reading = min(
+        readings.values(),
+        key=lambda r: (r.unmixed_k != r.k, r.fit.sq_error / max(float((r.alpha**2).sum()), 1e-6)),
+        default=None,
+    )
+    if reading is None:
+        return None
+    residual = float(scores[reading.k])
+    fit = reading.fit
+    v = _PALETTE[reading.k] - bg
+    vv = float(v @ v)
     # Report the error relative to the signal energy, with the expected noise energy removed.
     noise_energy = float(region.sum()) * float((noise * noise) @ (v * v)) / vv**2
-    signal = max(float((alpha * alpha).sum()) - noise_energy, 1e-6)
-    err = max(sq - noise_energy, 0.0) / signal
+    signal = max(float((reading.alpha * reading.alpha).sum()) - noise_energy, 1e-6)
+    err = max(fit.sq_error - noise_energy, 0.0) / signal
     return Detection(
-        colour=list(COLOURS)[k] if residual <= MAX_COLOUR_RESIDUAL else NONE,
-        shape=shape if err <= MAX_SHAPE_ERROR else NONE,
-        size="large" if side > SIZE_THRESHOLD else "small",
-        position=_position(cx, box_cy),
-        cx=cx,
-        cy=box_cy,
-        side=side,
-        mass=area,
+        colour=list(COLOURS)[reading.k] if residual <= MAX_COLOUR_RESIDUAL else NONE,
+        shape=fit.shape if err <= MAX_SHAPE_ERROR else NONE,
+        size="large" if fit.side > SIZE_THRESHOLD else "small",
+        position=_position(reading.cx, fit.cy),
+        cx=reading.cx,
+        cy=fit.cy,
+        side=fit.side,
+        mass=reading.area,
         colour_residual=residual,
         shape_error=err,
     )
