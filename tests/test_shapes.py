@@ -484,4 +484,4 @@ def test_ray_generation_writes_the_same_bytes_as_local(tmp_path, ray_session) ->
 def test_twenty_thousand_images_well_under_a_minute(tmp_path) -> None:
     summary = make_shapes(str(tmp_path / "big"), n=20_000, workers=1)
     print(summary.line())
-    assert summary.seconds < 30
+    assert summary.seconds < 45  # ~8 s on an idle 2-core machine; margin for shared CPUs

@@ -80,7 +80,7 @@ SYNONYMS: dict[str, dict[str, tuple[str, ...]]] = {
         "pink": ("pink", "magenta", "hot pink", "fuchsia"),
     },
     "shape": {
-        "circle": ("circle", "disc", "disk", "round shape", "dot"),
+        "circle": ("circle", "disc", "disk", "round shape"),
         "square": ("square", "box", "block", "square shape"),
         "triangle": ("triangle", "triangular shape", "three-sided shape"),
         "cross": ("cross", "plus sign", "plus", "cross shape"),

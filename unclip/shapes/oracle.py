@@ -2,17 +2,21 @@
 
 No learned weights: classical image analysis that inverts the renderer.
 
-1. background = median colour of the border ring, named by the nearest background colour;
+1. background = median colour of the border ring, named by the nearest background colour
+   (``"none"`` if none is near); its noise level = the ring's robust spread;
 2. objects = 4-connected components of pixels (3x3 box-smoothed) farther than ``CONTRAST``
-   from the background;
-3. colour = the palette colour whose mixing line background -> colour best explains the
-   object's pixels (blurred edges are mixtures, so this is blur-proof), weighted to its core;
-4. coverage alpha = projection of each raw pixel onto that line (noise stays zero-mean);
-   its mass and centroid are invariant to blur, and fix for each candidate shape the side and
+   from the background, largest first;
+3. colour guess = the palette colour whose mixing line background -> colour best explains the
+   object's pixels (blurred edges are mixtures, so they lie on it);
+4. coverage alpha = projection of each raw pixel onto that line (noise stays zero-mean); its
+   mass and centroid are invariant to blur and fix, for each candidate shape, the side and
    centre of the only bounding box with that mass and centroid;
-5. shape = the candidate whose rendered coverage (optionally Gaussian-blurred) is nearest the
-   observed alpha in L2; a poor best fit gives shape ``"none"``;
-6. size and position from that bounding box (thresholds midway between the classes).
+5. shape = the candidate whose rendered coverage (optionally Gaussian-blurred, amplitude
+   refitted) is nearest alpha in L2; a poor fit (noise energy removed) gives ``"none"``;
+6. colour = nearest palette colour to the colour unmixed by least squares with the fitted
+   coverage; if it differs from the guess, step 4-5 are redone with it and the reading that
+   confirms its own colour with the lower relative error wins;
+7. size and position from the fitted bounding box (thresholds midway between the classes).
 
 Inputs larger than ``MAX_SIDE`` are box-downscaled first; 32 px inputs work as they are.
 """
