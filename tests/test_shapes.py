@@ -454,14 +454,6 @@ def test_run_prints_one_summary_line(tmp_path, capsys) -> None:
     assert Image.open(io.BytesIO((tmp_path / "e" / "0_0000002.png").read_bytes())).size == (64, 64)
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-
-
 @pytest.mark.slow
 def test_ray_generation_writes_the_same_bytes_as_local(tmp_path, ray_session) -> None:
     local = make_shapes(str(tmp_path / "local"), n=2500, seed=9, two_object_fraction=0.2, workers=1)
