@@ -22,11 +22,12 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from unclip.errors import UserError
+from unclip.fs import get_fs
 from unclip.shapes.attributes import ROW_COLUMNS
 from unclip.shapes.render import make_item, png_bytes
 
@@ -69,7 +70,7 @@ def write_items(
     out: str, indices: Iterable[int], size: int, seed: int, two_object_fraction: float
 ) -> pa.Table:
     """Render items ``indices``, write their .png and .txt into ``out``; return their rows (SCHEMA)."""
-    fs, root = fsspec.core.url_to_fs(out)
+    fs, root = get_fs(out)
     files: dict[str, bytes] = {}
     columns: dict[str, list[str | None]] = {name: [] for name in SCHEMA.names}
     for index in indices:
@@ -131,15 +132,15 @@ def _generate_locally(
 
 def _check(n: int, size: int, seed: int, two_object_fraction: float, workers: int | None) -> None:
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise UserError(f"n must be >= 1, got {n}")
     if not MIN_SIZE <= size <= MAX_SIZE:
-        raise ValueError(f"size must be in [{MIN_SIZE}, {MAX_SIZE}] px, got {size}")
+        raise UserError(f"size must be in [{MIN_SIZE}, {MAX_SIZE}] px, got {size}")
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise UserError(f"seed must be >= 0, got {seed}")
     if not 0.0 <= two_object_fraction <= 1.0:
-        raise ValueError(f"two_object_fraction must be in [0, 1], got {two_object_fraction}")
+        raise UserError(f"two_object_fraction must be in [0, 1], got {two_object_fraction}")
     if workers is not None and workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+        raise UserError(f"workers must be >= 1, got {workers}")
 
 
 def make_shapes(
@@ -157,7 +158,7 @@ def make_shapes(
     Re-running with the same arguments rewrites identical files.
     """
     _check(n, size, seed, two_object_fraction, workers)
-    fs, root = fsspec.core.url_to_fs(out)
+    fs, root = get_fs(out)
     if fs.isfile(root):
         raise ValueError(f"output {out} exists and is a file, not a folder")
     fs.makedirs(root, exist_ok=True)

@@ -477,3 +477,14 @@ def test_twenty_thousand_images_well_under_a_minute(tmp_path) -> None:
     summary = make_shapes(str(tmp_path / "big"), n=20_000, workers=1)
     print(summary.line())
     assert summary.seconds < 45  # ~8 s on an idle 2-core machine; margin for shared CPUs
+
+
+def test_make_shapes_writes_to_s3(s3_bucket: str) -> None:
+    from unclip import fs
+
+    summary = make_shapes(f"{s3_bucket}/shapes", n=6, size=32, seed=3)
+    assert summary.n == 6
+    names = fs.listdir(f"{s3_bucket}/shapes")
+    assert "attributes.parquet" in names and "3_0000005.png" in names
+    caption = fs.read_text(f"{s3_bucket}/shapes/3_0000005.txt")
+    assert caption == make_item(3, 5, size=32).caption

@@ -185,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_NOT_BUILT
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        return int(run(args) or 0)
+        rc = run(args)
+        return rc if isinstance(rc, int) else 0
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
