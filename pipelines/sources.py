@@ -122,9 +122,13 @@ def detect(uri: str) -> tuple[InputKind, list[str]]:
     tars = [f for f in files if f.endswith(".tar")]
     images = [f for f in files if f.lower().endswith(IMAGE_EXTS)]
     parquets = [f for f in files if f.endswith(".parquet")]
+    texts = {posixpath.splitext(f)[0] for f in files if f.endswith(".txt")}
+    captioned = any(posixpath.splitext(f)[0] in texts for f in images)
+    # img2dataset writes .parquet metadata beside its .tar shards and "files" folders;
+    # images referenced from Parquet by path have no .txt beside them
     if tars:
         return "tar", tars
-    if images:
+    if captioned or (images and not parquets):
         return "folder", files
     if parquets:
         return "parquet", parquets
@@ -298,14 +302,23 @@ def dedup(entries: Iterable[Entry]) -> tuple[list[Entry], list[Problem]]:
 
 
 def make_units(entries: Sequence[Entry], rows_per_unit: int) -> list[str]:
-    """Chunks of entries to read together (JSON strings): parquet ones per row group."""
+    """Chunks of entries to read together (JSON strings).
+
+    A chunk never spans two tar shards (it is read with one ranged GET) and is a whole
+    Parquet row group (read once).
+    """
     groups: dict[Any, list[Entry]] = {}
     for e in entries:
-        key = (e.loc[1], e.loc[2]) if e.loc[0] == "pq" else e.loc[0]
+        kind = e.loc[0]
+        key = (
+            (kind, e.loc[1], e.loc[2])
+            if kind == "pq"
+            else (kind, e.loc[1] if kind == "tar" else "")
+        )
         groups.setdefault(key, []).append(e)
     units = []
     for key, rows in groups.items():
-        step = len(rows) if isinstance(key, tuple) else rows_per_unit
+        step = len(rows) if key[0] == "pq" else rows_per_unit
         for i in range(0, len(rows), step):
             units.append(json.dumps([list(r) for r in rows[i : i + step]]))
     return units
