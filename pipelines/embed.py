@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -29,11 +30,12 @@ import pyarrow as pa
 from pipelines import sources, table
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_unit
 from pipelines.embedder import Embedder
+from unclip import fs
 from unclip.cli import UserError
 from unclip.clip import Clip, ClipIdentity
 from unclip.schema import DataError, check_clip, errors_uri, parquet_files, read_table_info
 
-DECODE_TASK_MEMORY = 64 * 2**20  # bytes reserved per decode task (images of one read unit)
+DECODE_TASK_MEMORY = 512 * 2**20  # bytes reserved per decode task (worker + one read unit)
 CLIP_CHOICES = (
     "pass --clip with a CLIP checkpoint directory from `unclip train clip` (local path or "
     "s3://), or an open_clip model name such as ViT-B-32, ViT-L-14 or RN50 with "
@@ -153,6 +155,7 @@ def run_embed(opts: EmbedOptions, log: Callable[[str], None] | None = None) -> E
     """Embed every input row not yet in ``opts.output``; see the module docstring."""
     say = log or _stderr
     opts.check()
+    opts = _absolute(opts)
     t0 = time.perf_counter()
     identity = _clip_identity(opts)
     index = _index_input(opts)
@@ -206,6 +209,16 @@ def run_embed(opts: EmbedOptions, log: Callable[[str], None] | None = None) -> E
             summary,
         )
     return summary
+
+
+def _absolute(opts: EmbedOptions) -> EmbedOptions:
+    """Local paths made absolute: Ray workers need not share the driver's directory."""
+
+    def local(p: str) -> str:
+        return p if fs.is_remote(p) else os.path.abspath(p)
+
+    clip = local(opts.clip) if os.path.isdir(opts.clip) else opts.clip
+    return dataclasses.replace(opts, input=local(opts.input), output=local(opts.output), clip=clip)
 
 
 def _stderr(msg: str) -> None:

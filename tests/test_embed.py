@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import open_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from pipelines.embed import EmbedOptions, TooManyErrors, run_embed
 from tests.test_embed_inputs import (
@@ -128,9 +130,6 @@ def test_bad_input_errors_table_threshold_and_incremental_reruns(tmp_path, ray_s
         rows["good"]["text_emb"], clip.encode_text(tokens)[0].numpy(), atol=1e-5
     )
     assert rows["dup"]["source"].endswith("dup.jpg")
-    from PIL import Image
-    import io
-
     assert Image.open(io.BytesIO(rows["alpha"]["image"])).size == (24, 24)
     assert abs(np.linalg.norm(rows["cmyk"]["image_emb"]) - 1) < 1e-5
 
@@ -255,7 +254,7 @@ def test_s3_folder_and_shards_in_s3_table_out(tmp_path, s3_bucket, ray_session) 
 
 # ---------------------------------------------------------------------------- CLI
 def unclip_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "unclip.cli", "embed", *args]
+    return [sys.executable, "-m", "unclip.cli", "embed", *args]  # exactly what users run
 
 
 def cli_env() -> dict[str, str]:
