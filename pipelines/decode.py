@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,11 +23,23 @@ import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipelines.sources import Problem, RawRow, read_unit
-from pipelines.table import DECODED_SCHEMA
 
 # Pillow's own limit (about 89 MP): above it Pillow warns, above twice it refuses.
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 PNG_COMPRESS_LEVEL = 3  # fast and still ~as small as the default 6 on small images
+
+# Between the decode tasks and the embedding actors (one row per input row).
+DECODED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("caption", pa.string()),
+        ("image", pa.binary()),  # re-encoded PNG (null if no image column or bad row)
+        ("pixels", pa.binary()),  # (S, S, 3) uint8 at the CLIP input size, row-major
+        ("stage", pa.string()),  # null, or the ETL stage where the row failed
+        ("error", pa.string()),
+    ]
+)
 
 
 class RowError(Exception):
@@ -185,3 +197,11 @@ def decode_unit(
 ) -> pa.Table:
     """One unit of ``pipelines.sources.make_units``: read, then decode each row."""
     return decode_rows(read_unit(unit), clip_size, out_size, max_pixels)
+
+
+def decode_units(
+    batch: pa.Table, clip_size: int, out_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Iterator[pa.Table]:
+    """The CPU stage of the ETL: a batch of units (column ``unit``) -> decoded tables."""
+    for unit in batch.column("unit").to_pylist():
+        yield decode_unit(unit, clip_size, out_size, max_pixels)

@@ -28,14 +28,14 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from pipelines import sources, table
-from pipelines.decode import DEFAULT_MAX_PIXELS, decode_unit
+from pipelines.decode import DEFAULT_MAX_PIXELS, decode_units
 from pipelines.embedder import Embedder
 from unclip import fs
 from unclip.cli import UserError
 from unclip.clip import Clip, ClipIdentity
 from unclip.schema import DataError, check_clip, errors_uri, parquet_files, read_table_info
 
-DECODE_TASK_MEMORY = 512 * 2**20  # bytes reserved per decode task (worker + one read unit)
+DECODE_TASK_MEMORY = 2**30  # bytes reserved per decode task (worker + one read unit)
 CLIP_CHOICES = (
     "pass --clip with a CLIP checkpoint directory from `unclip train clip` (local path or "
     "s3://), or an open_clip model name such as ViT-B-32, ViT-L-14 or RN50 with "
@@ -102,6 +102,8 @@ class EmbedSummary:
     truncated: int  # captions cut to the CLIP context (rows embedded, warning recorded)
     parts: int  # Parquet parts committed (table + errors table)
     elapsed_s: float
+    first_commit_s: float = 0.0  # until the first part landed (start-up: workers, model load)
+    steady_rows_per_s: float = 0.0  # rows/s after the first part
 
     @property
     def error_fraction(self) -> float:
@@ -157,48 +159,49 @@ def run_embed(opts: EmbedOptions, log: Callable[[str], None] | None = None) -> E
     opts.check()
     opts = _absolute(opts)
     t0 = time.perf_counter()
-    identity = _clip_identity(opts)
+    identity = _clip_identity(opts)  # refuses a wrong CLIP before any work
+    table.check_writable(opts.output)
     index = _index_input(opts)
     entries, duplicates = sources.dedup(index.entries)
     done = table.committed_ids(opts.output)
-    todo = [
-        e
-        for e, new in zip(entries, table.not_in([e.id for e in entries], done), strict=True)
-        if new
-    ]
+    new = table.not_in([e.id for e in entries], done)
+    todo = [e for e, n in zip(entries, new, strict=True) if n]
     known = frozenset(table.known_problems(opts.output))
     table.remove_stale_temp(opts.output)
     table.remove_stale_temp(errors_uri(opts.output))
 
-    found = [p for p in index.problems + duplicates if (p.id, p.stage, p.error) not in known]
-    parts = 0
+    # problems found while indexing (duplicate ids, captions without an image)
+    def is_new(p: sources.Problem) -> bool:
+        return (p.id, p.stage, p.error) not in known
+
+    index_failed = [p for p in index.problems if is_new(p)]
+    found = index_failed + [p for p in duplicates if is_new(p)]
     if found:
         rows = [tuple(p) for p in found]
         table.write_part(table.problems_table(rows), errors_uri(opts.output), map(repr, rows))
-        parts += 1
-    counts = {"rows": 0, "failed": 0, "failed_known": 0, "warnings": 0, "parts": 0}
     say(
         f"embed: {len(entries)} input rows ({index.kind}); {len(entries) - len(todo)} already "
         f"in {opts.output}, {len(todo)} to embed with {identity.model}"
     )
+    progress = _Progress(len(todo), t0, say if opts.progress else None)
     if todo:
-        for out in _execute(opts, identity, todo, known):
-            for k in counts:
-                counts[k] += out[k]
-            _progress(say, opts, counts, len(todo), t0)
-    new_index_failures = sum(1 for p in found if p.error and not p.error.startswith("duplicate"))
+        for part in _execute(opts, identity, todo, known):
+            progress.add(part)
+    c = progress.counts
+    elapsed = time.perf_counter() - t0
     summary = EmbedSummary(
         output=opts.output,
         input_rows=len(entries),
-        embedded=counts["rows"],
+        embedded=c["rows"],
         skipped=len(entries) - len(todo),
-        failed=counts["failed"] + new_index_failures,
-        failed_known=counts["failed_known"]
-        + sum(1 for p in index.problems if (p.id, p.stage, p.error) in known),
+        failed=c["failed"] + len(index_failed),
+        failed_known=c["failed_known"] + len(index.problems) - len(index_failed),
         duplicates=len(duplicates),
-        truncated=counts["warnings"],
-        parts=parts + counts["parts"],
-        elapsed_s=time.perf_counter() - t0,
+        truncated=c["warnings"],
+        parts=c["parts"] + (1 if found else 0),
+        elapsed_s=elapsed,
+        first_commit_s=progress.first_commit_s,
+        steady_rows_per_s=progress.steady_rate(elapsed),
     )
     if summary.error_fraction > opts.max_error_fraction:
         raise TooManyErrors(
@@ -209,6 +212,40 @@ def run_embed(opts: EmbedOptions, log: Callable[[str], None] | None = None) -> E
             summary,
         )
     return summary
+
+
+class _Progress:
+    """Counts of the committed parts; a progress line at most every ``every_s`` seconds."""
+
+    def __init__(
+        self, total: int, t0: float, say: Callable[[str], None] | None, every_s: float = 2.0
+    ) -> None:
+        self.total, self.t0, self.say, self.every_s = total, t0, say, every_s
+        self.counts = {"rows": 0, "failed": 0, "failed_known": 0, "warnings": 0, "parts": 0}
+        self.first_commit_s = 0.0
+        self.first_rows = 0
+        self.last_line = 0.0
+
+    def add(self, part: dict[str, int]) -> None:
+        now = time.perf_counter()
+        if not self.first_commit_s:
+            self.first_commit_s, self.first_rows = now - self.t0, part["rows"]
+        for k in self.counts:
+            self.counts[k] += part[k]
+        c = self.counts
+        done = c["rows"] + c["failed"] + c["failed_known"]
+        if self.say and (now - self.last_line >= self.every_s or done >= self.total):
+            self.last_line = now
+            rate = c["rows"] / max(now - self.t0, 1e-9)
+            self.say(
+                f"embed: {done}/{self.total} rows done, {c['rows']} embedded "
+                f"({rate:.1f} rows/s), {c['failed'] + c['failed_known']} failed"
+            )
+
+    def steady_rate(self, elapsed: float) -> float:
+        """Rows/s after the first committed part (the start-up excluded)."""
+        rows = self.counts["rows"] - self.first_rows
+        return rows / (elapsed - self.first_commit_s) if elapsed > self.first_commit_s else 0.0
 
 
 def _absolute(opts: EmbedOptions) -> EmbedOptions:
@@ -223,23 +260,6 @@ def _absolute(opts: EmbedOptions) -> EmbedOptions:
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-_last_progress = [0.0]
-
-
-def _progress(
-    say: Callable[[str], None], opts: EmbedOptions, c: dict[str, int], total: int, t0: float
-) -> None:
-    now = time.perf_counter()
-    done = c["rows"] + c["failed"] + c["failed_known"]
-    if not opts.progress or (now - _last_progress[0] < 2.0 and done < total):
-        return
-    _last_progress[0] = now
-    rate = c["rows"] / max(now - t0, 1e-9)
-    say(
-        f"embed: {done}/{total} rows done, {c['rows']} embedded ({rate:.1f} rows/s), {c['failed']} failed"
-    )
 
 
 def _clip_identity(opts: EmbedOptions) -> ClipIdentity:
@@ -313,7 +333,7 @@ def _execute(
     env = _runtime_env(opts)
     ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
     ds = ds.map_batches(
-        _decode_units,
+        decode_units,
         batch_size=None,
         batch_format="pyarrow",
         fn_kwargs={
@@ -353,18 +373,13 @@ def _execute(
             "with_image": opts.image_size > 0,
             "known": known,
         },
-        num_cpus=0.25,
+        num_cpus=0,  # light; must not wait for a CPU behind the decode tasks
         **env,
     )
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from batch.to_pylist()
     if opts.stats:
         print(ds.stats(), file=sys.stderr)
-
-
-def _decode_units(batch: pa.Table, **kwargs) -> Iterator[pa.Table]:
-    for unit in batch.column("unit").to_pylist():
-        yield decode_unit(unit, **kwargs)
 
 
 def _commit(batch: pa.Table, **kwargs) -> pa.Table:

@@ -1,7 +1,7 @@
 """The embedding step of the ETL: a callable class Ray Data runs in an actor pool. No Ray.
 
 ``Embedder`` loads the CLIP once (``unclip.clip.Clip.load``) and turns a decoded batch
-(``pipelines.table.DECODED_SCHEMA``) into schema-v1 columns: L2-normalised ``text_emb`` and
+(``pipelines.decode.DECODED_SCHEMA``) into schema-v1 columns: L2-normalised ``text_emb`` and
 ``image_emb`` as ``fixed_size_list<float32>[D]``, ``text_tokens`` as the stripped ids, plus
 ``stage``/``error`` (rows that failed upstream pass through, not embedded) and ``warning``
 (set when a caption was truncated to the CLIP context).

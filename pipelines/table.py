@@ -19,6 +19,7 @@ import hashlib
 import os
 import uuid
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -27,24 +28,13 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from unclip import fs
-from unclip.clip import ClipIdentity
 from unclip.schema import errors_schema, errors_uri, parquet_files, table_schema
+
+if TYPE_CHECKING:
+    from unclip.clip import ClipIdentity
 
 TMP_PREFIX = "_tmp-"
 WARNING_PREFIX = "warning: "
-
-# Between the decode tasks and the embedding actors (one row per input row).
-DECODED_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("source", pa.string()),
-        ("caption", pa.string()),
-        ("image", pa.binary()),  # re-encoded PNG (null if no image column or bad row)
-        ("pixels", pa.binary()),  # (S, S, 3) uint8 at the CLIP input size, row-major
-        ("stage", pa.string()),  # null, or the ETL stage where the row failed
-        ("error", pa.string()),
-    ]
-)
 
 
 # ---------------------------------------------------------------------------- arrays
@@ -89,6 +79,18 @@ def write_part(table: pa.Table, dir_uri: str, keys: Iterable[str]) -> str:
         os.fsync(f.fileno())
     os.replace(tmp, uri)
     return uri
+
+
+def check_writable(dir_uri: str) -> None:
+    """Fail early, with one line, if parts cannot be written to ``dir_uri``."""
+    probe = fs.join(dir_uri, f"{TMP_PREFIX}write-check-{uuid.uuid4().hex[:8]}")
+    try:
+        fs.makedirs(dir_uri)
+        fs.write_bytes(probe, b"")
+        fsys, path = fs.get_fs(probe)
+        fsys.rm(path)
+    except OSError as e:
+        raise PermissionError(f"cannot write the table at {dir_uri!r}: {e}") from e
 
 
 def remove_stale_temp(dir_uri: str) -> int:
