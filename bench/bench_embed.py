@@ -119,6 +119,7 @@ def main() -> None:
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--threads-per-worker", type=int, default=0)
     p.add_argument("--rows-per-read", type=int, default=64)
     p.add_argument("--stats", action="store_true", help="print Ray Data's operator stats")
     args = p.parse_args()
@@ -141,6 +142,7 @@ def main() -> None:
         batch_size=args.batch_size,
         workers=args.workers,
         cpus_per_worker=args.cpus_per_worker,
+        threads_per_worker=args.threads_per_worker,
         rows_per_read=args.rows_per_read,
         image_size=64,
         progress=False,

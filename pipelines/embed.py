@@ -61,7 +61,8 @@ class EmbedOptions:
     batch_size: int = 256  # rows per embedding call
     workers: int = 1  # embedding actors
     gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0  # Ray CPUs reserved per actor (CPU-only: its torch threads)
+    cpus_per_worker: float = 1.0  # Ray CPUs reserved per actor
+    threads_per_worker: int = 0  # torch threads per actor; 0 = its whole CPUs (at least 1)
     image_size: int = 64  # re-encoded image column resolution; 0 = no image column
     max_error_fraction: float = 0.1
     rows_per_part: int = 0  # rows per committed Parquet part; 0 = 4 x batch_size
@@ -326,9 +327,10 @@ def _execute(
     """The Ray Data pipeline; yields the counts of each committed part as it lands."""
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+    if opts.progress:  # ours, one line every few seconds, instead of Ray Data's bars
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
     units = sources.make_units(todo, opts.rows_per_read)
     env = _runtime_env(opts)
     ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
@@ -347,7 +349,7 @@ def _execute(
         memory=DECODE_TASK_MEMORY,
         **env,
     )
-    threads = max(1, math.floor(opts.cpus_per_worker)) if opts.gpus_per_worker == 0 else 1
+    threads = opts.threads_per_worker or max(1, math.floor(opts.cpus_per_worker))
     ds = ds.map_batches(
         Embedder,
         compute=ray.data.ActorPoolStrategy(size=opts.workers),

@@ -161,6 +161,11 @@ def test_bad_input_errors_table_threshold_and_incremental_reruns(tmp_path, ray_s
     with pytest.raises(UserError, match="has an image column"):
         run_embed(opts(inp, out, str(tmp_path / "clip"), image_size=0))
     assert files_of(out) == before
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    pq.write_table(pa.table({"x": [1]}), foreign / "data.parquet")
+    with pytest.raises(UserError, match="cannot add to .*not an unclip embedding table"):
+        run_embed(opts(inp, str(foreign), str(tmp_path / "clip")))
     info = read_table_info(out)
     assert info.num_rows == len(good) + 6 and info.has_image
 

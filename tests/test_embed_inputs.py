@@ -364,6 +364,11 @@ def test_parts_are_committed_atomically_with_deterministic_names(tmp_path) -> No
     (tmp_path / "t" / f"{table.TMP_PREFIX}x.parquet-1234").write_bytes(b"PAR1 partial")
     assert table.remove_stale_temp(out) == 1
     assert pq.read_table(u1).num_rows == 2
+    table.check_writable(str(tmp_path / "new" / "table"))
+    assert os.listdir(tmp_path / "new" / "table") == []  # the probe is gone
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PermissionError, match="cannot write the table"):
+        table.check_writable(str(tmp_path / "file" / "table"))
 
 
 def test_embedder_matches_clip_and_schema_types(tmp_path) -> None:
