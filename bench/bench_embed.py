@@ -16,6 +16,7 @@ part (steady state), and their ratios. Run it on a quiet machine (check ``uptime
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import statistics

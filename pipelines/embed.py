@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 import os
 import sys
@@ -35,6 +36,7 @@ from unclip.cli import UserError
 from unclip.clip import Clip, ClipIdentity
 from unclip.schema import DataError, check_clip, errors_uri, parquet_files, read_table_info
 
+MAX_INPUT_BLOCKS = 2000
 DECODE_TASK_MEMORY = 2**30  # bytes reserved per decode task (worker + one read unit)
 CLIP_CHOICES = (
     "pass --clip with a CLIP checkpoint directory from `unclip train clip` (local path or "
@@ -327,13 +329,15 @@ def _execute(
     """The Ray Data pipeline; yields the counts of each committed part as it lands."""
     import ray
 
-    if opts.progress:  # ours, one line every few seconds, instead of Ray Data's bars
+    if opts.progress:  # ours, one line every few seconds, instead of Ray Data's bars and logs
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     units = sources.make_units(todo, opts.rows_per_read)
     env = _runtime_env(opts)
-    ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
+    blocks = min(len(units), MAX_INPUT_BLOCKS)  # a decode task reads a block's units in turn
+    ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=blocks)
     ds = ds.map_batches(
         decode_units,
         batch_size=None,
