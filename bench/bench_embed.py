@@ -138,6 +138,8 @@ def main() -> None:
     ray.init(
         num_cpus=args.cpus, include_dashboard=False, logging_level="warning", log_to_driver=False
     )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     opts = dict(
         clip=clip_uri,
         batch_size=args.batch_size,
