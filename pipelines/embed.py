@@ -8,10 +8,24 @@ The Ray shell around plain functions (DESIGN.md, "Embedding table"):
     tasks    commit each part atomically: errors table first, then the rows (table.commit_batch)
 
 Because a part is committed whole or not at all and the next run skips committed ids, a
-run killed at any point and started again ends with every input row exactly once. Rows
-that cannot be used go to ``<output>_errors`` with their stage and reason; problems seen in
-an earlier run are not written twice and do not count again towards
-``--max-error-fraction`` (the fraction of this run's new rows that failed).
+run killed at any point and started again ends with every input row exactly once (one run
+at a time per output table).
+
+The errors table ``<output>_errors`` (id, source, stage, error) is a log of distinct
+problems:
+
+- stage ``read`` (unreadable file or shard, caption without image, duplicate id: the first
+  row in input order is kept), ``decode`` (zero bytes, not an image, truncated, over
+  ``max_pixels`` by its header), ``caption`` (missing, empty, not UTF-8);
+- a caption longer than the CLIP context is embedded truncated (as CLIP tokenizers do)
+  and logged with stage ``caption`` and an error starting with ``warning:``; the summary
+  counts it under "truncated".
+
+Failed rows are not in the table, so each run tries them again (a fixed file is picked
+up); a problem already logged is not written twice. ``--max-error-fraction`` applies to
+the rows this run processed for the first time: failed / (embedded + failed), duplicates
+and problems logged by earlier runs left out, so re-running unchanged input never fails.
+Above it the job still commits the good rows and the errors, then fails with one line.
 """
 
 from __future__ import annotations

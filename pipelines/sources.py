@@ -11,6 +11,8 @@ Three input kinds (DESIGN.md, "Accepted inputs"), local or ``s3://``:
   (``image_path``, ``image_uri``, ``path``, or a string ``image``), relative paths being
   resolved against the Parquet file's folder; an ``id`` (or ``key``) column is the id.
 
+A folder holding ``.tar`` files is read as shards (img2dataset's ``.parquet`` metadata beside
+them is ignored); else a folder with captioned images as an image folder; else its Parquet.
 Where a source has no key of its own the id is a hash of the source URI. Indexing lists
 every row with a small locator and no pixel data, so the driver can drop duplicate ids and
 rows already embedded before any image is read. ``read_unit`` then fetches a chunk of rows.
