@@ -196,4 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # main() of the imported module, so that the UserError the layers raise (they import
+    # unclip.cli) is the class it catches, also under `python -m unclip.cli`
+    from unclip.cli import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,183 @@
+"""Embedding ETL throughput: the Ray Data pipeline vs a plain single-process PyTorch loop.
+
+    python bench/bench_embed.py [--n 3000] [--batch-size 128] [--repeats 3] [--cpus 2]
+
+Both sides do the same work on the same generated folder of 64 px PNGs + captions with
+the same CLIP (the DESIGN.md small CLIP: embed 128, ViT 128 x 3 layers, patch 8 on 64 px,
+text 128 x 3 layers, context 32; random weights) and the same batch size:
+read, decode, centre crop, re-encode the image column (PNG, 64 px), tokenize, embed text
+and images, write Parquet. The plain loop runs in this process with ``--cpus`` torch
+threads; the pipeline runs on a local Ray with ``--cpus`` CPUs (``run_embed``, fresh output
+each time). Prints the median rows/s of each, end to end (the pipeline includes its
+start-up: worker processes and the actor loading the CLIP) and after the first committed
+part (steady state), and their ratios. Run it on a quiet machine (check ``uptime``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import open_clip
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, ImageDraw
+
+from pipelines import sources, table
+from pipelines.decode import decode_image, read_caption
+from unclip.clip import Clip, save_clip_checkpoint
+from unclip.schema import table_schema
+
+SMALL_CLIP_CFG = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 64, "layers": 3, "width": 128, "patch_size": 8, "head_width": 64},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 3},
+}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 60),
+    "blue": (40, 60, 220),
+    "yellow": (230, 210, 40),
+}
+SHAPES = ("circle", "square", "triangle")
+
+
+def make_images(root: str, n: int, size: int = 64, seed: int = 0) -> None:
+    """``n`` PNGs of one coloured shape on a noisy background, with template captions."""
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        bg = rng.integers(0, 60, (size, size, 3), dtype=np.uint8) + 150
+        img = Image.fromarray(bg)
+        d = ImageDraw.Draw(img)
+        r = int(rng.integers(size // 8, size // 3))
+        cx, cy = rng.integers(r, size - r, 2)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        if shape == "circle":
+            d.ellipse(box, fill=COLOURS[colour])
+        elif shape == "square":
+            d.rectangle(box, fill=COLOURS[colour])
+        else:
+            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
+        img.save(os.path.join(root, f"{i:06d}.png"))
+        with open(os.path.join(root, f"{i:06d}.txt"), "w") as f:
+            f.write(f"a {'small' if r < size // 5 else 'large'} {colour} {shape}")
+
+
+def plain_loop(inp: str, out: str, clip_uri: str, batch_size: int, threads: int) -> float:
+    """The same work without Ray: one process, ``threads`` torch threads. Returns seconds."""
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    clip = Clip.load(clip_uri)
+    ident = clip.identity
+    _, files = sources.detect(inp)
+    entries = sources.index_folder(inp, files).entries
+    schema = table_schema(ident.embed_dim, ident)
+    os.makedirs(out, exist_ok=True)
+    for start in range(0, len(entries), batch_size):
+        batch = entries[start : start + batch_size]
+        captions, pngs, pixels = [], [], []
+        for e in batch:
+            with open(e.loc[1], "rb") as f:
+                img = decode_image(f.read(), ident.image_size, 64)
+            with open(e.loc[2], "rb") as f:
+                captions.append(read_caption(f.read()))
+            pngs.append(img.png)
+            pixels.append(img.pixels)
+        tokens, _ = clip.tokenize(captions)
+        text_emb = clip.encode_text(tokens).numpy()
+        x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        image_emb = clip.encode_images(x).numpy()
+        t = pa.table(
+            {
+                "id": [e.id for e in batch],
+                "caption": captions,
+                "source": [e.source for e in batch],
+                "image": pngs,
+                "text_emb": table.embedding_array(text_emb),
+                "image_emb": table.embedding_array(image_emb),
+                "text_tokens": table.tokens_array(clip.strip_tokens(tokens)),
+            }
+        ).cast(schema)
+        pq.write_table(t, os.path.join(out, f"part-{start:08d}.parquet"), compression="zstd")
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--threads-per-worker", type=int, default=0)
+    p.add_argument("--rows-per-read", type=int, default=64)
+    p.add_argument("--stats", action="store_true", help="print Ray Data's operator stats")
+    args = p.parse_args()
+
+    import ray
+
+    from pipelines.embed import EmbedOptions, run_embed
+
+    work = tempfile.mkdtemp(prefix="bench_embed_")
+    inp, clip_uri = os.path.join(work, "in"), os.path.join(work, "clip")
+    torch.manual_seed(0)
+    save_clip_checkpoint(clip_uri, open_clip.model.CLIP(**SMALL_CLIP_CFG), SMALL_CLIP_CFG)
+    make_images(inp, args.n)
+    print(f"load: {os.getloadavg()[0]:.2f}; {args.n} images of 64 px, batch {args.batch_size}")
+    ray.init(
+        num_cpus=args.cpus, include_dashboard=False, logging_level="warning", log_to_driver=False
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    opts = dict(
+        clip=clip_uri,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        threads_per_worker=args.threads_per_worker,
+        rows_per_read=args.rows_per_read,
+        image_size=64,
+        progress=False,
+        stats=args.stats,
+    )
+    # warm-up: start Ray's worker processes once, as a long-running cluster would have
+    run_embed(
+        EmbedOptions(input=inp, output=os.path.join(work, "warm"), **opts), log=lambda m: None
+    )
+    plain, e2e, steady = [], [], []
+    for r in range(args.repeats):
+        out = os.path.join(work, f"plain{r}")
+        plain.append(args.n / plain_loop(inp, out, clip_uri, args.batch_size, args.cpus))
+        shutil.rmtree(out)
+        out = os.path.join(work, f"ray{r}")
+        s = run_embed(EmbedOptions(input=inp, output=out, **opts), log=lambda m: None)
+        assert s.embedded == args.n, s
+        e2e.append(s.embedded / s.elapsed_s)
+        steady.append(s.steady_rows_per_s)
+        shutil.rmtree(out)
+        print(
+            f"repeat {r}: plain {plain[-1]:.0f} rows/s, pipeline {e2e[-1]:.0f} rows/s end to "
+            f"end ({s.first_commit_s:.1f} s to the first part), {steady[-1]:.0f} rows/s after"
+        )
+    mp, me, ms = (statistics.median(x) for x in (plain, e2e, steady))
+    print(f"plain single-process loop: {mp:.0f} rows/s (median of {args.repeats})")
+    print(f"Ray Data pipeline:         {me:.0f} rows/s end to end, {ms:.0f} rows/s steady")
+    print(f"ratio pipeline/plain:      {me / mp:.2f} end to end, {ms / mp:.2f} steady")
+    print(f"load: {os.getloadavg()[0]:.2f}")
+    ray.shutdown()
+    shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

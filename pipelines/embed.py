@@ -1,0 +1,406 @@
+"""``unclip embed``: the incremental Ray Data ETL, images + captions -> embedding table.
+
+The Ray shell around plain functions (DESIGN.md, "Embedding table"):
+
+    driver   index the input (sources), drop duplicate ids and ids already committed
+    tasks    read + decode + preprocess each chunk of rows (decode.decode_unit), CPU
+    actors   embed text and images with the CLIP loaded once (embedder.Embedder)
+    tasks    commit each part atomically: errors table first, then the rows (table.commit_batch)
+
+Because a part is committed whole or not at all and the next run skips committed ids, a
+run killed at any point and started again ends with every input row exactly once (one run
+at a time per output table).
+
+The errors table ``<output>_errors`` (id, source, stage, error) is a log of distinct
+problems:
+
+- stage ``read`` (unreadable file or shard, caption without image, duplicate id: the first
+  row in input order is kept), ``decode`` (zero bytes, not an image, truncated, over
+  ``max_pixels`` by its header), ``caption`` (missing, empty, not UTF-8);
+- a caption longer than the CLIP context is embedded truncated (as CLIP tokenizers do)
+  and logged with stage ``caption`` and an error starting with ``warning:``; the summary
+  counts it under "truncated".
+
+Failed rows are not in the table, so each run tries them again (a fixed file is picked
+up); a problem already logged is not written twice. ``--max-error-fraction`` applies to
+the rows this run processed for the first time: failed / (embedded + failed), duplicates
+and problems logged by earlier runs left out, so re-running unchanged input never fails.
+Above it the job still commits the good rows and the errors, then fails with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from pipelines import sources, table
+from pipelines.decode import DEFAULT_MAX_PIXELS, decode_units
+from pipelines.embedder import Embedder
+from unclip import fs
+from unclip.cli import UserError
+from unclip.clip import Clip, ClipIdentity
+from unclip.schema import DataError, check_clip, errors_uri, parquet_files, read_table_info
+
+MAX_INPUT_BLOCKS = 2000
+DECODE_TASK_MEMORY = 2**30  # bytes reserved per decode task (worker + one read unit)
+CLIP_CHOICES = (
+    "pass --clip with a CLIP checkpoint directory from `unclip train clip` (local path or "
+    "s3://), or an open_clip model name such as ViT-B-32, ViT-L-14 or RN50 with "
+    "--pretrained TAG or a local weights file (a name without --pretrained is randomly "
+    "initialised, for testing only)"
+)
+
+
+class TooManyErrors(UserError):
+    """More rows failed than --max-error-fraction allows (the good rows were written)."""
+
+    def __init__(self, message: str, summary: EmbedSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    input: str
+    output: str
+    clip: str
+    pretrained: str = ""
+    batch_size: int = 256  # rows per embedding call
+    workers: int = 1  # embedding actors
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0  # Ray CPUs reserved per actor
+    threads_per_worker: int = 0  # torch threads per actor; 0 = its whole CPUs (at least 1)
+    image_size: int = 64  # re-encoded image column resolution; 0 = no image column
+    max_error_fraction: float = 0.1
+    rows_per_part: int = 0  # rows per committed Parquet part; 0 = 4 x batch_size
+    rows_per_read: int = 64  # rows read + decoded per CPU task call
+    max_pixels: int = DEFAULT_MAX_PIXELS  # refuse larger images before decoding
+    env: tuple[tuple[str, str], ...] = ()  # environment variables for the Ray tasks/actors
+    progress: bool = True
+    stats: bool = False  # print Ray Data's per-operator stats at the end (benchmarks)
+
+    def check(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {self.workers}")
+        if self.gpus_per_worker < 0:
+            raise UserError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+        if self.image_size < 0:
+            raise UserError(
+                f"--image-size must be >= 0 (0 = no image column), got {self.image_size}"
+            )
+        if not 0.0 <= self.max_error_fraction <= 1.0:
+            raise UserError(
+                f"--max-error-fraction must be between 0 and 1, got {self.max_error_fraction}"
+            )
+        if self.input.rstrip("/") == self.output.rstrip("/"):
+            raise UserError("--output must differ from --input")
+
+
+@dataclass(frozen=True)
+class EmbedSummary:
+    output: str
+    input_rows: int  # rows found in the input (after dropping duplicate ids)
+    embedded: int  # rows committed by this run
+    skipped: int  # rows already in the table
+    failed: int  # rows that failed this run and were not recorded before
+    failed_known: int  # rows that failed again as recorded in an earlier run
+    duplicates: int  # rows dropped because their id was taken by another row
+    truncated: int  # captions cut to the CLIP context (rows embedded, warning recorded)
+    parts: int  # Parquet parts committed (table + errors table)
+    elapsed_s: float
+    first_commit_s: float = 0.0  # until the first part landed (start-up: workers, model load)
+    steady_rows_per_s: float = 0.0  # rows/s after the first part
+
+    @property
+    def error_fraction(self) -> float:
+        """Failed fraction of the rows this run processed for the first time."""
+        new = self.embedded + self.failed
+        return self.failed / new if new else 0.0
+
+    def line(self) -> str:
+        rate = self.embedded / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        return (
+            f"embedded {self.embedded} rows, skipped {self.skipped} already in the table, "
+            f"failed {self.failed} (+{self.failed_known} recorded before), "
+            f"{self.duplicates} duplicate id(s), {self.truncated} caption(s) truncated; "
+            f"{self.elapsed_s:.1f} s, {rate:.1f} rows/s -> {self.output} "
+            f"(errors: {errors_uri(self.output)})"
+        )
+
+
+# ---------------------------------------------------------------------------- CLI
+def run(args: argparse.Namespace) -> int:
+    """``unclip embed``: run the ETL, print progress and a summary; non-zero on failure."""
+    if not args.clip:
+        raise UserError(f"--clip is required: {CLIP_CHOICES}")
+    opts = EmbedOptions(
+        input=args.input,
+        output=args.output,
+        clip=args.clip,
+        pretrained=args.pretrained,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        image_size=args.image_size,
+        max_error_fraction=args.max_error_fraction,
+    )
+    opts.check()
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, logging_level="warning", log_to_driver=False)
+    try:
+        summary = run_embed(opts)
+    except TooManyErrors as e:
+        print(e.summary.line())
+        raise
+    print(summary.line())
+    return 0
+
+
+# ---------------------------------------------------------------------------- job
+def run_embed(opts: EmbedOptions, log: Callable[[str], None] | None = None) -> EmbedSummary:
+    """Embed every input row not yet in ``opts.output``; see the module docstring."""
+    say = log or _stderr
+    opts.check()
+    opts = _absolute(opts)
+    t0 = time.perf_counter()
+    identity = _clip_identity(opts)  # refuses a wrong CLIP before any work
+    table.check_writable(opts.output)
+    index = _index_input(opts)
+    entries, duplicates = sources.dedup(index.entries)
+    done = table.committed_ids(opts.output)
+    new = table.not_in([e.id for e in entries], done)
+    todo = [e for e, n in zip(entries, new, strict=True) if n]
+    known = frozenset(table.known_problems(opts.output))
+    table.remove_stale_temp(opts.output)
+    table.remove_stale_temp(errors_uri(opts.output))
+
+    # problems found while indexing (duplicate ids, captions without an image)
+    def is_new(p: sources.Problem) -> bool:
+        return (p.id, p.stage, p.error) not in known
+
+    index_failed = [p for p in index.problems if is_new(p)]
+    found = index_failed + [p for p in duplicates if is_new(p)]
+    if found:
+        rows = [tuple(p) for p in found]
+        table.write_part(table.problems_table(rows), errors_uri(opts.output), map(repr, rows))
+    say(
+        f"embed: {len(entries)} input rows ({index.kind}); {len(entries) - len(todo)} already "
+        f"in {opts.output}, {len(todo)} to embed with {identity.model}"
+    )
+    progress = _Progress(len(todo), t0, say if opts.progress else None)
+    if todo:
+        for part in _execute(opts, identity, todo, known):
+            progress.add(part)
+    c = progress.counts
+    elapsed = time.perf_counter() - t0
+    summary = EmbedSummary(
+        output=opts.output,
+        input_rows=len(entries),
+        embedded=c["rows"],
+        skipped=len(entries) - len(todo),
+        failed=c["failed"] + len(index_failed),
+        failed_known=c["failed_known"] + len(index.problems) - len(index_failed),
+        duplicates=len(duplicates),
+        truncated=c["warnings"],
+        parts=c["parts"] + (1 if found else 0),
+        elapsed_s=elapsed,
+        first_commit_s=progress.first_commit_s,
+        steady_rows_per_s=progress.steady_rate(elapsed),
+    )
+    if summary.error_fraction > opts.max_error_fraction:
+        raise TooManyErrors(
+            f"{summary.failed} of {summary.embedded + summary.failed} new rows failed "
+            f"({summary.error_fraction:.1%}), above --max-error-fraction "
+            f"{opts.max_error_fraction:g}; the {summary.embedded} good rows were written, "
+            f"see the reasons in {errors_uri(opts.output)}",
+            summary,
+        )
+    return summary
+
+
+class _Progress:
+    """Counts of the committed parts; a progress line at most every ``every_s`` seconds."""
+
+    def __init__(
+        self, total: int, t0: float, say: Callable[[str], None] | None, every_s: float = 2.0
+    ) -> None:
+        self.total, self.t0, self.say, self.every_s = total, t0, say, every_s
+        self.counts = {"rows": 0, "failed": 0, "failed_known": 0, "warnings": 0, "parts": 0}
+        self.first_commit_s = 0.0
+        self.first_rows = 0
+        self.last_line = 0.0
+
+    def add(self, part: dict[str, int]) -> None:
+        now = time.perf_counter()
+        if not self.first_commit_s:
+            self.first_commit_s, self.first_rows = now - self.t0, part["rows"]
+        for k in self.counts:
+            self.counts[k] += part[k]
+        c = self.counts
+        done = c["rows"] + c["failed"] + c["failed_known"]
+        if self.say and (now - self.last_line >= self.every_s or done >= self.total):
+            self.last_line = now
+            rate = c["rows"] / max(now - self.t0, 1e-9)
+            self.say(
+                f"embed: {done}/{self.total} rows done, {c['rows']} embedded "
+                f"({rate:.1f} rows/s), {c['failed'] + c['failed_known']} failed"
+            )
+
+    def steady_rate(self, elapsed: float) -> float:
+        """Rows/s after the first committed part (the start-up excluded)."""
+        rows = self.counts["rows"] - self.first_rows
+        return rows / (elapsed - self.first_commit_s) if elapsed > self.first_commit_s else 0.0
+
+
+def _absolute(opts: EmbedOptions) -> EmbedOptions:
+    """Local paths made absolute: Ray workers need not share the driver's directory."""
+
+    def local(p: str) -> str:
+        return p if fs.is_remote(p) else os.path.abspath(p)
+
+    clip = local(opts.clip) if os.path.isdir(opts.clip) else opts.clip
+    return dataclasses.replace(opts, input=local(opts.input), output=local(opts.output), clip=clip)
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _clip_identity(opts: EmbedOptions) -> ClipIdentity:
+    """The CLIP's identity, refused before any work if the existing table used another."""
+    identity = Clip.load(opts.clip, opts.pretrained).identity
+    if not parquet_files(opts.output):
+        return identity
+    try:
+        info = read_table_info(opts.output)
+        check_clip(
+            info,
+            embed_dim=identity.embed_dim,
+            fingerprint=identity.fingerprint,
+            what=f"--clip {opts.clip!r}",
+        )
+    except DataError as e:
+        raise UserError(f"cannot add to {opts.output}: {e}") from None
+    if info.has_image != (opts.image_size > 0):
+        have = "has" if info.has_image else "has no"
+        raise UserError(
+            f"the table at {opts.output} {have} an image column; run with the same "
+            "--image-size as before (0 = no image column)"
+        )
+    # same weights: keep the table's own name for them so every file agrees
+    return dataclasses.replace(identity, model=info.clip_model, pretrained=info.clip_pretrained)
+
+
+def _index_input(opts: EmbedOptions) -> sources.InputIndex:
+    try:
+        kind, files = sources.detect(opts.input)
+    except sources.InputError as e:
+        raise UserError(str(e)) from None
+    if kind == "folder":
+        return sources.index_folder(opts.input, files)
+    import ray
+
+    remote = ray.remote(_index_shard).options(num_cpus=0.5, **_runtime_env(opts))
+    results = ray.get([remote.remote(kind, f) for f in files])
+    entries = [e for es, _ in results for e in es]
+    problems = [p for _, ps in results for p in ps]
+    return sources.InputIndex(kind, tuple(files), entries, problems)
+
+
+def _index_shard(
+    kind: sources.InputKind, uri: str
+) -> tuple[list[sources.Entry], list[sources.Problem]]:
+    try:
+        return sources.index_shard(kind, uri)
+    except Exception as e:  # noqa: BLE001 - a whole unreadable shard is recorded, not fatal
+        msg = f"cannot read shard: {type(e).__name__}: {e}"
+        return [], [sources.Problem(sources.hash_id(uri), uri, "read", msg)]
+
+
+def _runtime_env(opts: EmbedOptions) -> dict:
+    return {"runtime_env": {"env_vars": dict(opts.env)}} if opts.env else {}
+
+
+def _execute(
+    opts: EmbedOptions,
+    identity: ClipIdentity,
+    todo: list[sources.Entry],
+    known: frozenset[tuple[str, str, str]],
+) -> Iterator[dict[str, int]]:
+    """The Ray Data pipeline; yields the counts of each committed part as it lands."""
+    import ray
+
+    if opts.progress:  # ours, one line every few seconds, instead of Ray Data's bars and logs
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    units = sources.make_units(todo, opts.rows_per_read)
+    env = _runtime_env(opts)
+    blocks = min(len(units), MAX_INPUT_BLOCKS)  # a decode task reads a block's units in turn
+    ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=blocks)
+    ds = ds.map_batches(
+        decode_units,
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "clip_size": identity.image_size,
+            "out_size": opts.image_size,
+            "max_pixels": opts.max_pixels,
+        },
+        num_cpus=1,
+        # A memory reservation of its own also keeps Ray Data from fusing decoding into the
+        # embedding actors: decoding runs in CPU tasks beside them (and apart from GPUs).
+        memory=DECODE_TASK_MEMORY,
+        **env,
+    )
+    threads = opts.threads_per_worker or max(1, math.floor(opts.cpus_per_worker))
+    ds = ds.map_batches(
+        Embedder,
+        compute=ray.data.ActorPoolStrategy(size=opts.workers),
+        batch_size=opts.batch_size,
+        batch_format="pyarrow",
+        fn_constructor_kwargs={
+            "clip": opts.clip,
+            "pretrained": opts.pretrained,
+            "threads": threads,
+            "device": "cuda" if opts.gpus_per_worker > 0 else "cpu",
+        },
+        num_cpus=opts.cpus_per_worker,
+        num_gpus=opts.gpus_per_worker or None,
+        **env,
+    )
+    ds = ds.map_batches(
+        _commit,
+        batch_size=opts.rows_per_part or 4 * opts.batch_size,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "output": opts.output,
+            "identity": identity,
+            "with_image": opts.image_size > 0,
+            "known": known,
+        },
+        num_cpus=0,  # light; must not wait for a CPU behind the decode tasks
+        **env,
+    )
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield from batch.to_pylist()
+    if opts.stats:
+        print(ds.stats(), file=sys.stderr)
+
+
+def _commit(batch: pa.Table, **kwargs) -> pa.Table:
+    return pa.Table.from_pylist([table.commit_batch(batch, **kwargs)])

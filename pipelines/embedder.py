@@ -1,0 +1,71 @@
+"""The embedding step of the ETL: a callable class Ray Data runs in an actor pool. No Ray.
+
+``Embedder`` loads the CLIP once (``unclip.clip.Clip.load``) and turns a decoded batch
+(``pipelines.decode.DECODED_SCHEMA``) into schema-v1 columns: L2-normalised ``text_emb`` and
+``image_emb`` as ``fixed_size_list<float32>[D]``, ``text_tokens`` as the stripped ids, plus
+``stage``/``error`` (rows that failed upstream pass through, not embedded) and ``warning``
+(set when a caption was truncated to the CLIP context).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from pipelines.table import WARNING_PREFIX, embedding_array, tokens_array
+from unclip.clip import Clip
+
+
+class Embedder:
+    """Callable class for ``map_batches(..., batch_format="pyarrow")``."""
+
+    def __init__(
+        self, clip: str, pretrained: str = "", threads: int = 0, device: str = "cpu"
+    ) -> None:
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.clip = Clip.load(clip, pretrained, device=device)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ident = self.clip.identity
+        n, dim, size = batch.num_rows, ident.embed_dim, ident.image_size
+        good = pc.is_null(batch.column("stage")).to_numpy(zero_copy_only=False)
+        idx = np.flatnonzero(good)
+        text_emb = np.zeros((n, dim), np.float32)
+        image_emb = np.zeros((n, dim), np.float32)
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        warning: list[str | None] = [None] * n
+        if len(idx):
+            captions = batch.column("caption").take(pa.array(idx)).to_pylist()
+            ids, truncated = self.clip.tokenize(captions)
+            text_emb[idx] = self.clip.encode_text(ids).cpu().numpy()
+            for j, row in zip(idx, self.clip.strip_tokens(ids), strict=True):
+                tokens[j] = row
+            for j, cut in zip(idx, truncated, strict=True):
+                if cut:
+                    warning[j] = (
+                        f"{WARNING_PREFIX}caption longer than the CLIP context of "
+                        f"{ident.context_length} tokens; truncated"
+                    )
+            pixels = batch.column("pixels").take(pa.array(idx)).to_pylist()
+            arr = np.frombuffer(bytearray(b"".join(pixels)), np.uint8).reshape(
+                len(idx), size, size, 3
+            )
+            images = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+            image_emb[idx] = self.clip.encode_images(images).cpu().numpy()
+        return pa.table(
+            {
+                "id": batch.column("id"),
+                "caption": batch.column("caption"),
+                "source": batch.column("source"),
+                "image": batch.column("image"),
+                "text_emb": embedding_array(text_emb),
+                "image_emb": embedding_array(image_emb),
+                "text_tokens": tokens_array(tokens),
+                "stage": batch.column("stage"),
+                "error": batch.column("error"),
+                "warning": pa.array(warning, pa.string()),
+            }
+        )
