@@ -133,7 +133,7 @@ def wait_running(names: list[str], timeout_s: float, progress: bool = False) -> 
             return
         if time.monotonic() > deadline:
             raise UserError(f"Serve applications not running after {timeout_s:.0f} s: {states}")
-        summary = ", ".join(f"{n} {s}" for n, s in states.items())
+        summary = ", ".join(f"{n} {getattr(s, 'value', s)}" for n, s in states.items())
         if progress and summary != last:
             print(f"  waiting for deployments: {summary}", flush=True)
             last = summary

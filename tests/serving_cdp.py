@@ -118,8 +118,9 @@ class Browser:
         return res["result"].get("value")
 
     def type_into(self, selector: str, text: str) -> None:
-        """Focus the element and type ``text`` as keyboard input would."""
-        self.eval(f"document.querySelector({json.dumps(selector)}).focus()")
+        """Clear the field, focus it and type ``text`` as keyboard input would."""
+        el = f"document.querySelector({json.dumps(selector)})"
+        self.eval(f"{el}.value = ''; {el}.focus()")
         self.send("Input.insertText", {"text": text})
 
     def click(self, selector: str) -> None:
@@ -134,12 +135,14 @@ class Browser:
                 {"type": kind, "x": box[0], "y": box[1], "button": "left", "clickCount": 1},
             )
 
-    def wait_for(self, expression: str, timeout_s: float = 60) -> Any:
+    def wait_for(self, expression: str, timeout_s: float = 60, context: str = "") -> Any:
+        """Poll ``expression`` until truthy; on timeout, fail showing ``context``'s value."""
         deadline = time.monotonic() + timeout_s
         while True:
             value = self.eval(expression)
             if value:
                 return value
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {expression}")
+                seen = self.eval(context) if context else ""
+                raise AssertionError(f"timed out waiting for {expression} ({seen})")
             time.sleep(0.2)

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import requests
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from PIL import Image
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from serving.cli import deploy as deploy_config
@@ -222,18 +223,27 @@ def test_replicas_stay_healthy_after_bad_requests(served: Served) -> None:
 
 
 # ---------------------------------------------------------------------- slow: fuzzing, browser
-@pytest.fixture(scope="module")
-def api_schema(served: Served) -> Any:
-    schema = schemathesis.openapi.from_url(served.url + "/openapi.json")
-    schema.config.generation.update(modes=["positive", "negative"], max_examples=30)
-    return schema
-
-
 @pytest.mark.slow
-@schemathesis.pytest.from_fixture("api_schema").parametrize()
-@settings(max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-def test_openapi_fuzzing_finds_no_server_errors(case: Any, served: Served) -> None:
-    case.call_and_validate(base_url=served.url, checks=[not_a_server_error], timeout=60)
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_openapi_fuzzing_finds_no_server_errors(served: Served, mode: str) -> None:
+    """Schemathesis against /openapi.json: schema-valid and schema-invalid requests to every
+    implemented operation; no answer may be a 5xx, and the service stays healthy."""
+    schema = schemathesis.openapi.from_url(served.url + "/openapi.json")
+    schema = schema.exclude(path=["/v1/interpolate", "/v1/text-diff"])  # 501 on purpose
+
+    @given(case=schema.as_strategy(GenerationMode(mode)))
+    @settings(
+        max_examples=60,
+        deadline=None,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],  # bounded time: no shrinking
+        suppress_health_check=list(HealthCheck),
+    )
+    def fuzz(case: Any) -> None:
+        case.call_and_validate(base_url=served.url, checks=[not_a_server_error], timeout=60)
+
+    fuzz()
+    assert requests.get(served.url + "/v1/health", timeout=30).status_code == 200
 
 
 @pytest.mark.slow
@@ -250,12 +260,13 @@ def test_web_page_generates_in_headless_chromium(served: Served) -> None:
         n = page.wait_for(
             "document.querySelectorAll('#images img').length === 2 && "
             "[...document.querySelectorAll('#images img')].every(i => i.complete && "
-            "i.naturalWidth === 32) && document.querySelectorAll('#images img').length"
+            "i.naturalWidth === 32) && document.querySelectorAll('#images img').length",
+            context="document.getElementById('status').textContent + ' | ' + "
+            "document.getElementById('error').textContent",
         )
         assert n == 2
         assert "seed 4" in page.eval("document.getElementById('status').textContent")
         # errors from the API are shown, not swallowed
-        page.eval("document.getElementById('prompt').value = ''")
         page.type_into("#prompt", "   ")
         page.click("#generate")
         err = page.wait_for("document.getElementById('error').textContent")
@@ -295,13 +306,19 @@ def test_killed_replica_is_restarted_and_no_request_hangs(served: Served) -> Non
     before = _replica_pids("Decoder")
     assert before
     timeout = 45.0
-    bodies = [{"prompt": f"load {i}", "seed": i, "decoder_steps": 12} for i in range(48)]
+    bodies = [
+        {"prompt": f"load {i}", "seed": i, "num_images": 4, "decoder_steps": 12} for i in range(64)
+    ]
     with ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(_timed_post, served, b, timeout) for b in bodies]
-        time.sleep(1.0)
+        while sum(f.done() for f in futures) < 4:  # kill mid-load
+            time.sleep(0.05)
         os.kill(before[0], signal.SIGKILL)
+        done_before_kill = sum(f.done() for f in futures)
         results = [f.result() for f in futures]
     statuses = [s for s, _ in results]
+    print(f"killed Decoder pid {before[0]} after {done_before_kill}/64 requests; {statuses}")
+    assert done_before_kill < 64
     assert -1 not in statuses and -2 not in statuses, statuses  # nothing hung or was dropped
     assert set(statuses) <= {200, 503, 504, 500}, statuses
     assert max(t for _, t in results) < timeout
