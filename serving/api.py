@@ -7,8 +7,7 @@ OpenAPI schema at ``/openapi.json`` shows the real bounds. Every error is JSON
 
     400 malformed JSON / bad Content-Length    401 missing or wrong API key
     413 body or image too large                422 a field is invalid (named in ``detail``)
-    501 not implemented yet                    503 a stage is unavailable (retry)
-    504 a stage took longer than ``stage_timeout_s``
+    503 a stage is unavailable (retry)         504 a stage took longer than ``stage_timeout_s``
 
 With an API key, every route needs ``Authorization: Bearer <key>`` except the open ones
 (``OPEN_PATHS``: the page, health for probes, and the API docs).
@@ -22,7 +21,7 @@ from typing import Annotated, Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from serving.images import RequestError
 from serving.limits import Limits
@@ -78,12 +77,24 @@ class RequestModels:
             Field(ge=0, le=MAX_SEED, description="omit for a random seed (returned)"),
         ]
         NumImages = Annotated[int, Field(ge=1, le=limits.max_num_images)]
+        Frames = Annotated[int, Field(ge=2, le=limits.max_frames)]
+        Text = Annotated[
+            str, Field(min_length=1, max_length=limits.max_prompt_chars), AfterValidator(_text)
+        ]
+        ImageB64 = Annotated[
+            str,
+            Field(
+                min_length=1,
+                description=f"base64 PNG/JPEG/WebP/GIF/BMP, at most {limits.max_image_bytes} "
+                f"bytes and {limits.max_image_pixels} pixels",
+            ),
+        ]
 
         class GenerateRequest(BaseModel):
             """Text -> images. Unset sampling settings take the bundle's defaults."""
 
             model_config = strict
-            prompt: str = Field(min_length=1, max_length=limits.max_prompt_chars)
+            prompt: Text
             num_images: NumImages = 1
             seed: Seed = None
             prior_guidance_scale: Guidance = None
@@ -93,33 +104,53 @@ class RequestModels:
             upsampler_steps: Steps = None
             candidates: Annotated[int | None, Field(ge=1, le=limits.max_candidates)] = None
 
-            @field_validator("prompt")
-            @classmethod
-            def _not_blank(cls, v: str) -> str:
-                if not v.strip():
-                    raise ValueError("must not be empty or only whitespace")
-                return v
-
         class VariationsRequest(BaseModel):
             """Image -> variations (CLIP image embedding, decoder DDIM inversion, eta > 0)."""
 
             model_config = strict
-            image: str = Field(
-                min_length=1,
-                description=f"base64 PNG/JPEG/WebP, at most {limits.max_image_bytes} bytes "
-                f"and {limits.max_image_pixels} pixels",
-            )
+            image: ImageB64
             num_images: NumImages = 1
             eta: Annotated[float | None, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = None
             seed: Seed = None
 
+        class InterpolateRequest(BaseModel):
+            """``frames`` images from image_a to image_b (slerp of both bipartite latents)."""
+
+            model_config = strict
+            image_a: ImageB64
+            image_b: ImageB64
+            frames: Frames
+            seed: Seed = None
+
+        class TextDiffRequest(BaseModel):
+            """Edit an image towards ``to_text`` (away from ``from_text``, default
+            "a photo"), in ``frames`` steps of strength 0 .. ``max_strength`` (default 0.5)."""
+
+            model_config = strict
+            image: ImageB64
+            to_text: Text
+            from_text: Text | None = None
+            frames: Frames
+            max_strength: Annotated[float | None, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = None
+            seed: Seed = None
+
         self.generate = GenerateRequest
         self.variations = VariationsRequest
+        self.interpolate = InterpolateRequest
+        self.text_diff = TextDiffRequest
+
+
+def _text(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must not be empty or only whitespace")
+    return v
 
 
 class Service(Protocol):
     async def generate(self, req: Any) -> GenerateResponse: ...
     async def variations(self, req: Any) -> GenerateResponse: ...
+    async def interpolate(self, req: Any) -> GenerateResponse: ...
+    async def text_diff(self, req: Any) -> GenerateResponse: ...
     async def health(self) -> tuple[bool, dict[str, str]]: ...
 
 
@@ -138,6 +169,7 @@ def make_api(
     """The FastAPI app of the ingress: routes call ``service``; checks happen here."""
     models = RequestModels(limits)
     GenerateRequest, VariationsRequest = models.generate, models.variations
+    InterpolateRequest, TextDiffRequest = models.interpolate, models.text_diff
     app = FastAPI(
         title="unclip-ray",
         version="1",
@@ -157,14 +189,15 @@ def make_api(
         """Variations of an image that keep its semantics and style (PAPER.md §3)."""
         return await service.variations(req)
 
-    for path in ("/v1/interpolate", "/v1/text-diff"):
-        app.add_api_route(
-            path,
-            _not_implemented(path),
-            methods=["POST"],
-            responses={501: {"model": ErrorResponse}, 401: {"model": ErrorResponse}},
-            status_code=501,
-        )
+    @app.post("/v1/interpolate", responses=ERRORS)
+    async def interpolate(req: InterpolateRequest) -> GenerateResponse:  # type: ignore[valid-type]
+        """Interpolate between two images through their bipartite latents (PAPER.md §3)."""
+        return await service.interpolate(req)
+
+    @app.post("/v1/text-diff", responses=ERRORS)
+    async def text_diff(req: TextDiffRequest) -> GenerateResponse:  # type: ignore[valid-type]
+        """Language-guided edit: move the image's CLIP embedding along a text diff."""
+        return await service.text_diff(req)
 
     @app.get("/v1/health", responses={503: {"model": HealthResponse}})
     async def health() -> HealthResponse:
@@ -184,17 +217,6 @@ def make_api(
         return HTMLResponse(page)
 
     return app
-
-
-def _not_implemented(path: str) -> Any:
-    async def endpoint() -> JSONResponse:
-        return JSONResponse(
-            {"detail": f"{path} is not implemented yet; it arrives with the manipulations work"},
-            status_code=501,
-        )
-
-    endpoint.__name__ = path.strip("/").replace("/", "_").replace("-", "_")
-    return endpoint
 
 
 def _json(obj: Any) -> str:

@@ -23,6 +23,7 @@ ENV_PREFIX = "UNCLIP_"
 class Limits:
     max_prompt_chars: int = 500  # characters of a prompt (CLIP truncates tokens beyond its context)
     max_num_images: int = 8  # images per request
+    max_frames: int = 8  # frames of an interpolation or a text diff
     max_steps: int = 250  # prior / decoder / upsampler sampling steps
     max_candidates: int = 8  # prior best-of-N candidates
     max_guidance_scale: float = 30.0  # classifier-free guidance scales are in [0, this]

@@ -28,6 +28,7 @@ from serving.cli import load_config, serve_config
 from tests.conftest import free_port
 from tests.serving_cdp import Browser, find_chromium
 from tests.tiny import make_tiny_bundle
+from unclip import manipulations
 from unclip.pipeline import UnclipPipeline
 
 TEST_LIMITS = {
@@ -144,20 +145,40 @@ def test_variations_follow_the_paper_and_are_reproducible(
     assert_close(decode(a.json()["images"]), local.images)
 
 
-def test_health_docs_page_and_not_yet_implemented(served: Served) -> None:
+def test_interpolation_and_text_diff_match_the_in_process_manipulations(
+    served: Served, pipeline: UnclipPipeline
+) -> None:
+    a = served.generate(prompt="a red circle", seed=1, decoder_steps=4)["images"][0]
+    b = served.generate(prompt="a blue square", seed=2, decoder_steps=4)["images"][0]
+    pil = [Image.open(io.BytesIO(base64.b64decode(x))) for x in (a, b)]
+
+    r = served.post("/v1/interpolate", json={"image_a": a, "image_b": b, "frames": 3, "seed": 5})
+    assert r.status_code == 200, r.text
+    assert {"image_encoder", "inversion", "decoder", "upsampler1"} <= set(r.json()["timings"])
+    local = manipulations.interpolate(pipeline, pil[0], pil[1], frames=3, seed=5)
+    assert_close(decode(r.json()["images"]), local.images)
+
+    body = {"image": a, "to_text": "a green square", "frames": 3, "max_strength": 0.4}
+    r = served.post("/v1/text-diff", json={**body, "seed": 6})
+    assert r.status_code == 200, r.text
+    local = manipulations.text_diff(
+        pipeline, pil[0], "a green square", frames=3, max_strength=0.4, seed=6
+    )
+    assert_close(decode(r.json()["images"]), local.images)
+
+
+def test_health_docs_and_page(served: Served) -> None:
     health = requests.get(served.url + "/v1/health", timeout=30)
     assert health.status_code == 200
     assert health.json() == {"status": "ok", "stages": dict.fromkeys(STAGES, "ok")}
     schema = requests.get(served.url + "/openapi.json", timeout=30).json()
-    assert {"/v1/generate", "/v1/variations", "/v1/health"} <= set(schema["paths"])
+    paths = {"/v1/generate", "/v1/variations", "/v1/interpolate", "/v1/text-diff", "/v1/health"}
+    assert paths <= set(schema["paths"])
     gen = schema["components"]["schemas"]["GenerateRequest"]["properties"]["num_images"]
     assert gen["maximum"] == TEST_LIMITS["max_num_images"]  # the configured limits are documented
     assert "swagger" in requests.get(served.url + "/docs", timeout=30).text.lower()
     page = requests.get(served.url + "/", timeout=30)
     assert page.status_code == 200 and "<textarea" in page.text and "//cdn" not in page.text
-    for path in ("/v1/interpolate", "/v1/text-diff"):
-        r = served.post(path, json={})
-        assert r.status_code == 501 and "not implemented" in r.json()["detail"]
 
 
 # ---------------------------------------------------------------------- bad requests
@@ -192,13 +213,31 @@ BAD_VARIATIONS = [
     ({"image": png_b64(8, 8), "num_images": 9}, 422, "num_images"),
     ({"image": png_b64(8, 8), "prompt": "x"}, 422, "prompt"),
 ]
+BAD_MANIPULATIONS = [
+    ({"image_a": png_b64(8, 8), "frames": 3}, 422, "image_b"),
+    ({"image_a": png_b64(8, 8), "image_b": "%%%", "frames": 3}, 422, "image_b"),
+    ({"image_a": png_b64(8, 8), "image_b": png_b64(8, 8), "frames": 9}, 422, "frames"),
+    ({"image": png_b64(8, 8), "to_text": "", "frames": 3}, 422, "to_text"),
+    ({"image": png_b64(8, 8), "to_text": "a", "frames": 3, "max_strength": 2}, 422, "max_strength"),
+    ({"image": png_b64(900, 900), "to_text": "a", "frames": 3}, 413, "image"),
+]
 
 
-@pytest.mark.parametrize(("body", "status", "field"), BAD_GENERATE + BAD_VARIATIONS)
+def _path(body: Any) -> str:
+    if "image_a" in body:
+        return "/v1/interpolate"
+    if "to_text" in body:
+        return "/v1/text-diff"
+    return "/v1/variations" if "image" in body else "/v1/generate"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"), BAD_GENERATE + BAD_VARIATIONS + BAD_MANIPULATIONS
+)
 def test_bad_requests_get_4xx_naming_the_field(
     served: Served, body: Any, status: int, field: str
 ) -> None:
-    path = "/v1/variations" if "image" in body else "/v1/generate"
+    path = _path(body)
     r = served.post(path, json=body)
     assert r.status_code == status, r.text
     detail = r.json()["detail"]
@@ -227,9 +266,8 @@ def test_replicas_stay_healthy_after_bad_requests(served: Served) -> None:
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_openapi_fuzzing_finds_no_server_errors(served: Served, mode: str) -> None:
     """Schemathesis against /openapi.json: schema-valid and schema-invalid requests to every
-    implemented operation; no answer may be a 5xx, and the service stays healthy."""
+    operation; no answer may be a 5xx, and the service stays healthy."""
     schema = schemathesis.openapi.from_url(served.url + "/openapi.json")
-    schema = schema.exclude(path=["/v1/interpolate", "/v1/text-diff"])  # 501 on purpose
 
     @given(case=schema.as_strategy(GenerationMode(mode)))
     @settings(

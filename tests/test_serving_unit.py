@@ -169,6 +169,16 @@ def test_request_models_follow_the_limits() -> None:
             m.generate.model_validate(bad)
         assert e.value.errors()[0]["loc"] == (field,), bad
     assert m.variations.model_validate({"image": "abc", "eta": 1}).eta == 1.0
+    assert m.text_diff.model_validate({"image": "a", "to_text": "b", "frames": 2}).frames == 2
+    for bad, field in [
+        ({"image": "a", "to_text": " ", "frames": 2}, "to_text"),
+        ({"image": "a", "to_text": "b", "frames": 1}, "frames"),
+        ({"image": "a", "to_text": "b", "frames": 3, "max_strength": 0}, "max_strength"),
+        ({"image": "a", "to_text": "b"}, "frames"),
+    ]:
+        with pytest.raises(ValidationError) as e:
+            m.text_diff.model_validate(bad)
+        assert e.value.errors()[0]["loc"] == (field,), bad
 
 
 # ---------------------------------------------------------------------- batching helpers
@@ -240,8 +250,8 @@ def test_api_key_is_required_except_on_open_paths(guarded_url: str) -> None:
     assert r.status_code == 200 and r.json()["seed"] == 3
     for path in ("/v1/health", "/", "/docs", "/openapi.json"):
         assert requests.get(guarded_url + path, timeout=10).status_code == 200, path
-    r = requests.post(f"{guarded_url}/v1/interpolate", headers=ok, timeout=10)
-    assert r.status_code == 501 and "not implemented" in r.json()["detail"]
+    r = requests.post(f"{guarded_url}/v1/variations", json={"image": "x"}, headers=ok, timeout=10)
+    assert r.status_code == 422 and r.json()["detail"] == "image: never mind"
 
 
 def test_oversized_body_is_413_before_parsing(guarded_url: str) -> None:
