@@ -1,20 +1,23 @@
 """Serving throughput and latency: Ray Serve over HTTP vs. the pipeline in-process.
 
-    python bench/bench_serve.py [--requests 32] [--steps 16,16,8] [--out results.json]
+    python bench/bench_serve.py [--requests 24] [--steps 16,16,8] [--out results.json]
 
 Builds a bundle of randomly initialised stages at the sizes of the CPU "quick" preset
 (DESIGN.md: CLIP embed 128 / ViT 128x3 patch 8 at 64 px / text 128x3 ctx 32; prior width
 256 x 4 layers; decoder UNet 32 base channels at 32 px; upsampler 32 -> 64 px): weights do
-not matter for speed, sizes do. Then, in one process:
+not matter for speed, sizes do. ``serving/config.yaml`` is deployed as ``unclip serve``
+does, once with dynamic batching on (the config's user_config) and once off
+(``max_batch_size: 1``); in each phase, in one process:
 
-1. in-process: ``UnclipPipeline.generate`` one image per call, sequentially (what
-   ``unclip generate`` does), and one call with 16 images (the in-process batching bound);
-2. Serve: ``serving/config.yaml`` deployed as ``unclip serve`` does, one image per HTTP
-   request, at concurrency 1 and 16, with dynamic batching on (the config's user_config)
-   and off (``max_batch_size: 1``).
+1. concurrency 1: alternately one in-process ``UnclipPipeline.generate`` call (what
+   ``unclip generate`` does; torch threads as Serve's replicas, 1) and one HTTP request,
+   so both see the same machine load;
+2. concurrency 16: one image per HTTP request, 16 clients;
+3. in-process, one call of 16 images (what batching could reach in one process).
 
-Prints images/s, p50 / p95 latency and ratios against in-process sequential generation.
-Check ``uptime`` first: the numbers are only comparable between rows of one run.
+Prints images/s, p50 / p95 latency and ratios against the in-process sequential calls of
+the same phase. On a shared machine check ``uptime`` first; only ratios within a phase are
+meaningful when the load moves.
 """
 
 from __future__ import annotations
@@ -126,43 +129,40 @@ def summarise(latencies: list[float], images: int, wall: float) -> dict[str, flo
     }
 
 
-def bench_in_process(bundle: str, n: int, threads: list[int]) -> dict[str, dict[str, float]]:
-    pipe = UnclipPipeline.from_bundle(bundle)
-    out = {}
-    for th in threads:
-        torch.set_num_threads(th)
-        pipe.generate(PROMPTS[0], 1, 0)  # warm-up
-        lat = []
+def post(session: requests.Session, url: str, i: int) -> float:
+    t = time.perf_counter()
+    body = {"prompt": PROMPTS[i % len(PROMPTS)], "seed": i}
+    r = session.post(f"{url}/v1/generate", json=body, timeout=600)
+    r.raise_for_status()
+    return time.perf_counter() - t
+
+
+def bench_phase(pipe: UnclipPipeline, url: str, n: int) -> dict[str, dict[str, float]]:
+    """Interleaved in-process / HTTP at concurrency 1, then HTTP at 16, then one big call."""
+    session = requests.Session()
+    for i in range(3):  # warm-up both paths
+        pipe.generate(PROMPTS[0], 1, i)
+        post(session, url, i)
+    local, http = [], []
+    for i in range(n):
+        t = time.perf_counter()
+        pipe.generate(PROMPTS[i % len(PROMPTS)], 1, i)
+        local.append(time.perf_counter() - t)
+        http.append(post(session, url, i))
+    out = {
+        "in_process_c1": summarise(local, n, sum(local)),
+        "http_c1": summarise(http, n, sum(http)),
+    }
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: post(session, url, i), range(16)))  # warm-up at 16
         t0 = time.perf_counter()
-        for i in range(n):
-            t = time.perf_counter()
-            pipe.generate(PROMPTS[i % len(PROMPTS)], 1, i)
-            lat.append(time.perf_counter() - t)
-        out[f"sequential_t{th}"] = summarise(lat, n, time.perf_counter() - t0)
-    torch.set_num_threads(threads[0])
+        lat = list(pool.map(lambda i: post(session, url, i), range(2 * n)))
+        out["http_c16"] = summarise(lat, 2 * n, time.perf_counter() - t0)
     t = time.perf_counter()
     pipe.generate(PROMPTS[0], 16, 0)
     wall = time.perf_counter() - t
-    out["one_call_16_images"] = {"images_per_s": 16 / wall, "p50_s": wall, "p95_s": wall}
+    out["in_process_16_images"] = {"images_per_s": 16 / wall, "p50_s": wall, "p95_s": wall}
     return out
-
-
-def bench_http(url: str, n: int, concurrency: int) -> dict[str, float]:
-    session = requests.Session()
-
-    def one(i: int) -> float:
-        t = time.perf_counter()
-        body = {"prompt": PROMPTS[i % len(PROMPTS)], "seed": i}
-        r = session.post(f"{url}/v1/generate", json=body, timeout=600)
-        r.raise_for_status()
-        return time.perf_counter() - t
-
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, range(min(concurrency, 4))))  # warm-up
-        t0 = time.perf_counter()
-        lat = list(pool.map(one, range(n)))
-        wall = time.perf_counter() - t0
-    return summarise(lat, n, wall)
 
 
 def with_batching(config: dict[str, Any], on: bool) -> dict[str, Any]:
@@ -175,30 +175,28 @@ def with_batching(config: dict[str, Any], on: bool) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=int, default=32, help="requests per measurement")
+    p.add_argument("--requests", type=int, default=24, help="requests at concurrency 1")
     p.add_argument("--steps", default="16,16,8", help="prior,decoder,upsampler sampling steps")
     p.add_argument(
         "--threads",
-        default="1,2",
-        help="torch threads for the in-process rows (Serve replicas run 1 thread each, "
-        "as Ray sets OMP_NUM_THREADS=1 for fractional-CPU actors); the first is the baseline",
+        type=int,
+        default=1,
+        help="torch threads in-process (Serve replicas run 1: Ray sets OMP_NUM_THREADS=1 "
+        "for fractional-CPU actors)",
     )
     p.add_argument("--out", default=None, help="also write the results as JSON")
     args = p.parse_args()
     steps = tuple(int(s) for s in args.steps.split(","))
     assert len(steps) == 3, "--steps needs prior,decoder,upsampler"
-    print(f"load average {os.getloadavg()[0]:.2f}; torch threads {torch.get_num_threads()}")
+    torch.set_num_threads(args.threads)
 
     import ray
     from ray import serve
 
-    results: dict[str, Any] = {"steps": steps, "load_before": os.getloadavg()[0]}
+    results: dict[str, Any] = {"steps": steps, "threads": args.threads}
     with tempfile.TemporaryDirectory() as tmp:
         bundle = quick_bundle(tmp, steps)  # type: ignore[arg-type]
-        threads = [int(t) for t in args.threads.split(",")]
-        results["in_process"] = bench_in_process(bundle, args.requests, threads)
-        print("in-process:", json.dumps(results["in_process"]), flush=True)
-
+        pipe = UnclipPipeline.from_bundle(bundle)
         ray.init(
             num_cpus=2,
             include_dashboard=False,
@@ -206,46 +204,49 @@ def main() -> None:
             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
         )
         port = free_port()
-        url = f"http://127.0.0.1:{port}"
         try:
             for on in (True, False):
                 name = "batching_on" if on else "batching_off"
-                schema = serve_config(with_batching(load_config(), on), bundle, port=port)
-                deploy_config(schema)
-                for c in (1, 16):
-                    res = bench_http(url, args.requests if c == 1 else 2 * args.requests, c)
-                    results[f"{name}_c{c}"] = res
-                    print(f"{name} c={c}:", json.dumps(res), flush=True)
+                deploy_config(serve_config(with_batching(load_config(), on), bundle, port=port))
+                load = os.getloadavg()[0]
+                results[name] = bench_phase(pipe, f"http://127.0.0.1:{port}", args.requests)
+                results[name]["load"] = {"before": load, "after": os.getloadavg()[0]}
+                print(name, json.dumps(results[name]), flush=True)
         finally:
             serve.shutdown()
             ray.shutdown()
-    results["load_after"] = os.getloadavg()[0]
     report(results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 
 
 def report(r: dict[str, Any]) -> None:
-    inproc = r["in_process"]
-    seq = [k for k in inproc if k.startswith("sequential_t")]
-    base = inproc[seq[0]]
     print(
-        f"\nsteps prior/decoder/upsampler {tuple(r['steps'])}; load average "
-        f"{r['load_before']:.2f} -> {r['load_after']:.2f}; one image per request; "
-        f"ratios against in-process sequential with {seq[0].removeprefix('sequential_t')} "
-        "thread(s)\n"
+        f"\nsteps prior/decoder/upsampler {tuple(r['steps'])}; one image per request; "
+        f"in-process with {r['threads']} torch thread(s); ratios against the in-process "
+        "sequential calls of the same phase\n"
     )
-    print(f"{'':38} {'images/s':>9} {'p50 s':>8} {'p95 s':>8} {'x img/s':>8} {'x p50':>7}")
-    rows = [(f"in-process, sequential, {k.removeprefix('sequential_')}", inproc[k]) for k in seq]
-    rows.append(("in-process, one call of 16 images", inproc["one_call_16_images"]))
+    print(f"{'':36} {'images/s':>9} {'p50 s':>8} {'p95 s':>8} {'x img/s':>8} {'x p50':>7}")
+    labels = {
+        "in_process_c1": "in-process, sequential",
+        "http_c1": "Serve HTTP, c=1",
+        "http_c16": "Serve HTTP, c=16",
+        "in_process_16_images": "in-process, one call of 16 images",
+    }
     for name in ("batching_on", "batching_off"):
-        for c in (1, 16):
-            rows.append((f"Serve HTTP, {name.replace('_', ' ')}, c={c}", r[f"{name}_c{c}"]))
-    for label, m in rows:
+        phase = r[name]
+        base = phase["in_process_c1"]
+        load = phase["load"]
         print(
-            f"{label:38} {m['images_per_s']:9.2f} {m['p50_s']:8.3f} {m['p95_s']:8.3f} "
-            f"{m['images_per_s'] / base['images_per_s']:8.2f} {m['p50_s'] / base['p50_s']:7.2f}"
+            f"{name.replace('_', ' ')} (load average {load['before']:.1f} -> {load['after']:.1f})"
         )
+        for key, label in labels.items():
+            m = phase[key]
+            print(
+                f"  {label:34} {m['images_per_s']:9.2f} {m['p50_s']:8.3f} {m['p95_s']:8.3f} "
+                f"{m['images_per_s'] / base['images_per_s']:8.2f} "
+                f"{m['p50_s'] / base['p50_s']:7.2f}"
+            )
 
 
 if __name__ == "__main__":
