@@ -1,6 +1,6 @@
 """The Serve application over real HTTP on 127.0.0.1: deployed once per module from
 ``serving/config.yaml`` (through ``serving.cli.serve_config`` + ``deploy``, what
-``unclip serve`` runs) with a tiny random bundle."""
+``unclip serve`` runs) with a tiny random bundle on S3."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import io
 import os
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,12 +59,20 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def served(ray_session: None, s3_server: str) -> Iterator[Served]:
+    """The app serving a tiny bundle from S3 (moto over HTTP); the replicas get the S3
+    settings through the application's runtime_env, as on a cluster."""
+    import boto3
     from ray import serve
 
-    bundle = make_tiny_bundle(str(tmp_path_factory.mktemp("served")))
+    bucket = f"served-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    bundle = make_tiny_bundle(f"s3://{bucket}/tiny")
     config = load_config()
-    config["applications"][0]["args"]["limits"].update(TEST_LIMITS)
+    app = config["applications"][0]
+    app["args"]["limits"].update(TEST_LIMITS)
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    app["runtime_env"] = {"env_vars": {**env, "PYTHONPATH": os.getcwd()}}
     port = free_port()
     deploy_config(serve_config(config, bundle, port=port), timeout_s=300)
     yield Served(f"http://127.0.0.1:{port}", bundle)
