@@ -55,6 +55,33 @@ def slerp(a: Tensor, b: Tensor, t: float | Tensor) -> Tensor:
     return out.reshape(shape).to(a.dtype)
 
 
+def interpolation_latents(
+    za: Tensor, xa: Tensor, zb: Tensor, xb: Tensor, frames: int, fixed_noise: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Bipartite latents of two images (z (1, D), x_T (1, 3, S, S) each) -> ``frames`` rows
+    (z (F, D), x_T (F, 3, S, S)) from a to b: z slerped (unit norm), x_T slerped or a's."""
+    thetas = torch.linspace(0, 1, frames, device=za.device)
+    z = F.normalize(slerp(za.expand(frames, -1), zb.expand(frames, -1), thetas), dim=-1)
+    x_T = (
+        xa.expand(frames, -1, -1, -1).clone()
+        if fixed_noise
+        else slerp(xa.expand(frames, -1, -1, -1), xb.expand(frames, -1, -1, -1), thetas)
+    )
+    return z, x_T
+
+
+def text_diff_latents(
+    z_i: Tensor, x_T: Tensor, to_emb: Tensor, from_emb: Tensor, frames: int, max_strength: float
+) -> tuple[Tensor, Tensor]:
+    """An image's latent (z_i (1, D), x_T (1, 3, S, S)) and two captions' CLIP text
+    embeddings (1, D) -> ``frames`` rows: z = slerp(z_i, z_d, theta), theta in [0, max_strength],
+    z_d = norm(to - from); x_T held fixed."""
+    z_d = F.normalize(to_emb - from_emb, dim=-1).to(z_i.device)
+    thetas = torch.linspace(0, max_strength, frames, device=z_i.device)
+    z = F.normalize(slerp(z_i.expand(frames, -1), z_d.expand(frames, -1), thetas), dim=-1)
+    return z, x_T.expand(frames, -1, -1, -1)
+
+
 def bipartite_latent(
     pipe: UnclipPipeline, image: Image.Image, steps: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -101,13 +128,7 @@ def interpolate(
     _, za, xa = bipartite_latent(pipe, image_a)
     _, zb, xb = bipartite_latent(pipe, image_b)
     timings["inversion"] = time.perf_counter() - t0
-    thetas = torch.linspace(0, 1, frames, device=za.device)
-    z = F.normalize(slerp(za.expand(frames, -1), zb.expand(frames, -1), thetas), dim=-1)
-    x_T = (
-        xa.expand(frames, -1, -1, -1).clone()
-        if fixed_noise
-        else slerp(xa.expand(frames, -1, -1, -1), xb.expand(frames, -1, -1, -1), thetas)
-    )
+    z, x_T = interpolation_latents(za, xa, zb, xb, frames, fixed_noise)
     images = _decode_frames(pipe, z, x_T, seed, timings)
     return Generation(to_uint8(images), seed, timings, z.cpu())
 
@@ -129,8 +150,6 @@ def text_diff(
     _, z_i, x_T = bipartite_latent(pipe, image)
     timings["inversion"] = time.perf_counter() - t0
     text = encode_prompts(pipe.clip, [to_text, from_text], with_states=False)
-    z_d = F.normalize(text.emb[0:1] - text.emb[1:2], dim=-1).to(z_i.device)
-    thetas = torch.linspace(0, max_strength, frames, device=z_i.device)
-    z = F.normalize(slerp(z_i.expand(frames, -1), z_d.expand(frames, -1), thetas), dim=-1)
-    images = _decode_frames(pipe, z, x_T.expand(frames, -1, -1, -1), seed, timings)
+    z, x_T = text_diff_latents(z_i, x_T, text.emb[0:1], text.emb[1:2], frames, max_strength)
+    images = _decode_frames(pipe, z, x_T, seed, timings)
     return Generation(to_uint8(images), seed, timings, z.cpu())

@@ -4,6 +4,8 @@
 hold one stage and call the same stage functions below (``encode_prompts``, ``sample_prior``,
 ``sample_decoder``, ``sample_upsampler``), so both produce the same images for the same seed.
 
+``invert_decoder`` (DDIM inversion, for variations) is a stage function too.
+
 Randomness: image ``j`` of a request with seed ``s`` draws its noise for stage ``k`` from its
 own generator seeded by ``(s, j, k)``, so results do not depend on batching.
 """
@@ -57,9 +59,12 @@ def image_seeds(seed: int, n: int) -> list[int]:
     return [seed * 1_000_003 + j for j in range(n)]
 
 
-def needs_text_states(*models: torch.nn.Module) -> bool:
-    """Whether any stage attends to per-token text states (text_width > 0)."""
-    return any(getattr(m.config.net, "text_width", 0) for m in models)
+def needs_text_states(*stages: Any) -> bool:
+    """Whether any stage attends to per-token text states (text_width > 0).
+
+    ``stages``: stage models or their configs (a Serve text encoder has only the configs).
+    """
+    return any(getattr(getattr(m, "config", m).net, "text_width", 0) for m in stages)
 
 
 # ---------------------------------------------------------------------- stage functions
@@ -104,6 +109,20 @@ def sample_decoder(
         eta=s.decoder_eta,
         noise=None if noise is None else noise.to(dev),
         generator=stage_generators(seeds, STAGE_DECODER),
+    )
+
+
+def invert_decoder(
+    decoder: Decoder, images: Tensor, image_emb: Tensor, s: SamplingSettings
+) -> Tensor:
+    """DDIM inversion (images (B, 3, S, S) + their CLIP embeddings (B, D)) -> x_T (B, 3, S, S)
+    such that decoding (image_emb, x_T) with eta 0 gives the images back (PAPER.md §3)."""
+    dev = prior_device(decoder)
+    return decoder.invert(
+        images.to(dev),
+        image_emb.to(dev),
+        steps=s.decoder_steps,
+        guidance_scale=s.decoder_guidance_scale,
     )
 
 
@@ -257,9 +276,7 @@ class UnclipPipeline:
 
         # 2. DDIM inversion of the decoder: x_T with (z_i, x_T) -> the input image
         t0 = time.perf_counter()
-        x_T = self.decoder.invert(
-            x, z, steps=s.decoder_steps, guidance_scale=s.decoder_guidance_scale
-        )
+        x_T = invert_decoder(self.decoder, x, z, s)
         timings["inversion"] = time.perf_counter() - t0
 
         # 3. decoder with eta > 0 from the shared x_T: variations keep semantics and layout

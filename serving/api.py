@@ -1,0 +1,306 @@
+"""The HTTP API (DESIGN.md, "Serving"): FastAPI routes, request/response models, errors.
+
+Only HTTP lives here; the work is done by a ``Service`` (the Serve ingress in
+``serving.ingress``). Request models are built from the configured ``Limits`` so the
+OpenAPI schema at ``/openapi.json`` shows the real bounds. Every error is JSON
+``{"detail": "<field>: <what is wrong>", ...}``:
+
+    400 malformed JSON / bad Content-Length    401 missing or wrong API key
+    413 body or image too large                422 a field is invalid (named in ``detail``)
+    503 a stage is unavailable (retry)         504 a stage took longer than ``stage_timeout_s``
+
+With an API key, every route needs ``Authorization: Bearer <key>`` except the open ones
+(``OPEN_PATHS``: the page, health for probes, and the API docs).
+"""
+
+import hmac
+import logging
+from pathlib import Path
+from typing import Annotated, Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from serving.images import RequestError
+from serving.limits import Limits
+
+logger = logging.getLogger("ray.serve")
+
+MAX_SEED = 2**32 - 1
+OPEN_PATHS = frozenset({"/", "/v1/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+PAGE = Path(__file__).parent / "static" / "index.html"
+
+
+class StageError(Exception):
+    """A stage could not answer: unavailable (503) or too slow (504)."""
+
+    def __init__(self, stage: str, message: str, status: int = 503) -> None:
+        super().__init__(f"{stage}: {message}")
+        self.status = status
+
+
+# ---------------------------------------------------------------------- models
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+    errors: list[FieldError] | None = None
+
+
+class GenerateResponse(BaseModel):
+    images: list[str] = Field(description="base64-encoded PNG images, one per requested image")
+    seed: int = Field(description="the seed used; send it back to get the same images")
+    timings: dict[str, float] = Field(description="seconds per stage, and 'total'")
+
+
+class HealthResponse(BaseModel):
+    status: str = Field(description="'ok' when every stage answers, else 'unavailable'")
+    stages: dict[str, str]
+
+
+class RequestModels:
+    """The request models for one set of limits."""
+
+    def __init__(self, limits: Limits) -> None:
+        strict = ConfigDict(extra="forbid", strict=True)
+        Steps = Annotated[int | None, Field(ge=1, le=limits.max_steps)]
+        Guidance = Annotated[
+            float | None, Field(ge=0.0, le=limits.max_guidance_scale, allow_inf_nan=False)
+        ]
+        Seed = Annotated[
+            int | None,
+            Field(ge=0, le=MAX_SEED, description="omit for a random seed (returned)"),
+        ]
+        NumImages = Annotated[int, Field(ge=1, le=limits.max_num_images)]
+        Frames = Annotated[int, Field(ge=2, le=limits.max_frames)]
+        Text = Annotated[
+            str, Field(min_length=1, max_length=limits.max_prompt_chars), AfterValidator(_text)
+        ]
+        ImageB64 = Annotated[
+            str,
+            Field(
+                min_length=1,
+                description=f"base64 PNG/JPEG/WebP/GIF/BMP, at most {limits.max_image_bytes} "
+                f"bytes and {limits.max_image_pixels} pixels",
+            ),
+        ]
+
+        class GenerateRequest(BaseModel):
+            """Text -> images. Unset sampling settings take the bundle's defaults."""
+
+            model_config = strict
+            prompt: Text
+            num_images: NumImages = 1
+            seed: Seed = None
+            prior_guidance_scale: Guidance = None
+            decoder_guidance_scale: Guidance = None
+            prior_steps: Steps = None
+            decoder_steps: Steps = None
+            upsampler_steps: Steps = None
+            candidates: Annotated[int | None, Field(ge=1, le=limits.max_candidates)] = None
+
+        class VariationsRequest(BaseModel):
+            """Image -> variations (CLIP image embedding, decoder DDIM inversion, eta > 0)."""
+
+            model_config = strict
+            image: ImageB64
+            num_images: NumImages = 1
+            eta: Annotated[float | None, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = None
+            seed: Seed = None
+
+        class InterpolateRequest(BaseModel):
+            """``frames`` images from image_a to image_b (slerp of both bipartite latents)."""
+
+            model_config = strict
+            image_a: ImageB64
+            image_b: ImageB64
+            frames: Frames
+            seed: Seed = None
+
+        class TextDiffRequest(BaseModel):
+            """Edit an image towards ``to_text`` (away from ``from_text``, default
+            "a photo"), in ``frames`` steps of strength 0 .. ``max_strength`` (default 0.5)."""
+
+            model_config = strict
+            image: ImageB64
+            to_text: Text
+            from_text: Text | None = None
+            frames: Frames
+            max_strength: Annotated[float | None, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = None
+            seed: Seed = None
+
+        self.generate = GenerateRequest
+        self.variations = VariationsRequest
+        self.interpolate = InterpolateRequest
+        self.text_diff = TextDiffRequest
+
+
+def _text(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must not be empty or only whitespace")
+    return v
+
+
+class Service(Protocol):
+    async def generate(self, req: Any) -> GenerateResponse: ...
+    async def variations(self, req: Any) -> GenerateResponse: ...
+    async def interpolate(self, req: Any) -> GenerateResponse: ...
+    async def text_diff(self, req: Any) -> GenerateResponse: ...
+    async def health(self) -> tuple[bool, dict[str, str]]: ...
+
+
+# ---------------------------------------------------------------------- app
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 503, 504)
+}
+
+
+def make_api(
+    service: Service,
+    limits: Limits,
+    api_key: str | None = None,
+    page_config: dict[str, Any] | None = None,
+) -> FastAPI:
+    """The FastAPI app of the ingress: routes call ``service``; checks happen here."""
+    models = RequestModels(limits)
+    GenerateRequest, VariationsRequest = models.generate, models.variations
+    InterpolateRequest, TextDiffRequest = models.interpolate, models.text_diff
+    app = FastAPI(
+        title="unclip-ray",
+        version="1",
+        description="unCLIP text-to-image on Ray Serve. Images are base64 PNG."
+        + (" Send `Authorization: Bearer <key>`." if api_key else ""),
+    )
+    _add_error_handlers(app)
+    _add_guards(app, limits, api_key)
+
+    @app.post("/v1/generate", responses=ERRORS)
+    async def generate(req: GenerateRequest) -> GenerateResponse:  # type: ignore[valid-type]
+        """Generate images from a prompt: text encoder -> prior -> decoder -> upsamplers."""
+        return await service.generate(req)
+
+    @app.post("/v1/variations", responses=ERRORS)
+    async def variations(req: VariationsRequest) -> GenerateResponse:  # type: ignore[valid-type]
+        """Variations of an image that keep its semantics and style (PAPER.md §3)."""
+        return await service.variations(req)
+
+    @app.post("/v1/interpolate", responses=ERRORS)
+    async def interpolate(req: InterpolateRequest) -> GenerateResponse:  # type: ignore[valid-type]
+        """Interpolate between two images through their bipartite latents (PAPER.md §3)."""
+        return await service.interpolate(req)
+
+    @app.post("/v1/text-diff", responses=ERRORS)
+    async def text_diff(req: TextDiffRequest) -> GenerateResponse:  # type: ignore[valid-type]
+        """Language-guided edit: move the image's CLIP embedding along a text diff."""
+        return await service.text_diff(req)
+
+    @app.get("/v1/health", responses={503: {"model": HealthResponse}})
+    async def health() -> HealthResponse:
+        """Readiness: 200 when every stage deployment answers, else 503."""
+        ok, stages = await service.health()
+        body = HealthResponse(status="ok" if ok else "unavailable", stages=stages)
+        if not ok:
+            return JSONResponse(body.model_dump(), status_code=503)  # type: ignore[return-value]
+        return body
+
+    page = PAGE.read_text().replace(
+        "/*PAGE_CONFIG*/{}", _json({**(page_config or {}), "auth": bool(api_key)})
+    )
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    return app
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj).replace("<", "\\u003c")
+
+
+# ---------------------------------------------------------------------- errors and guards
+def _field(loc: tuple[Any, ...]) -> str:
+    """("body", "num_images") -> "num_images"; ("body",) -> "body"."""
+    parts = [str(p) for p in loc]
+    if parts[:1] == ["body"]:
+        parts = parts[1:]
+    return ".".join(parts) or "body"
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = []
+        status = 422
+        for e in exc.errors():
+            msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+            field = _field(tuple(e.get("loc", ())))
+            if e.get("type") == "json_invalid":
+                status, field = 400, "body"
+                msg = f"malformed JSON ({(e.get('ctx') or {}).get('error', msg)})"
+            elif e.get("type") == "extra_forbidden":
+                msg = "unknown field (not part of this request)"
+            errors.append({"field": field, "message": msg})
+        detail = "; ".join(f"{x['field']}: {x['message']}" for x in errors) or "invalid request"
+        return JSONResponse({"detail": detail, "errors": errors}, status_code=status)
+
+    @app.exception_handler(RequestError)
+    async def bad_request(_: Request, exc: RequestError) -> JSONResponse:
+        return JSONResponse(
+            {"detail": str(exc), "errors": [{"field": exc.field, "message": exc.message}]},
+            status_code=exc.status,
+        )
+
+    @app.exception_handler(StageError)
+    async def stage_error(_: Request, exc: StageError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
+
+
+def _add_guards(app: FastAPI, limits: Limits, api_key: str | None) -> None:
+    """API key (401) and request body size (413) checks, before any parsing."""
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Any:
+        path = request.scope["path"]
+        root = request.scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :] or "/"
+        if api_key and path not in OPEN_PATHS and not _authorized(request, api_key):
+            return JSONResponse(
+                {
+                    "detail": "authorization: missing or wrong API key; send the header "
+                    "'Authorization: Bearer <key>'"
+                },
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                return JSONResponse(
+                    {"detail": f"content-length: not a number: {length!r}"}, status_code=400
+                )
+            if int(length) > limits.max_body_bytes:
+                return JSONResponse(
+                    {
+                        "detail": f"body: {length} bytes, over the limit of "
+                        f"{limits.max_body_bytes} bytes"
+                    },
+                    status_code=413,
+                )
+        return await call_next(request)
+
+
+def _authorized(request: Request, api_key: str) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        token.strip().encode(), api_key.encode()
+    )

@@ -1,0 +1,292 @@
+"""The ingress deployment: HTTP in (``serving.api``), stage deployments called in order.
+
+``generate`` reads like ``UnclipPipeline.generate`` (and ``variations``, ``interpolate``,
+``text_diff`` like their in-process versions in ``unclip.pipeline`` / ``unclip.manipulations``),
+one block per stage, except that each stage is a ``DeploymentHandle`` call (batched on the
+other side) with a timeout. A stage
+that is down answers 503, one that is too slow 504; a bad request never reaches a stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import secrets
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from torch import Tensor
+
+from serving.api import MAX_SEED, GenerateResponse, StageError, make_api
+from serving.batching import DecodeJob, InvertJob, PriorJob, UpsampleJob
+from serving.images import decode_image, encode_png_b64
+from serving.limits import Limits
+from unclip import fs, manipulations
+from unclip.checkpoint import load_stage_config, read_bundle_spec
+from unclip.config import SamplingSettings, from_dict, to_dict
+from unclip.manipulations import interpolation_latents, text_diff_latents
+from unclip.pipeline import UnclipPipeline, from_pil, image_seeds, to_uint8
+
+
+def _default(fn: Any, name: str) -> Any:
+    return inspect.signature(fn).parameters[name].default
+
+
+# the in-process functions' defaults, so that both paths agree
+VARIATIONS_ETA: float = _default(UnclipPipeline.variations, "eta")
+TEXT_DIFF_FROM: str = _default(manipulations.text_diff, "from_text")
+TEXT_DIFF_STRENGTH: float = _default(manipulations.text_diff, "max_strength")
+UNAVAILABLE = (
+    RayActorError,
+    ActorUnavailableError,
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
+@serve.ingress()
+class Ingress:
+    def __init__(
+        self,
+        text_encoder: DeploymentHandle,
+        image_encoder: DeploymentHandle,
+        prior: DeploymentHandle,
+        decoder: DeploymentHandle,
+        upsamplers: list[DeploymentHandle],
+        bundle: str,
+        limits: dict[str, Any],
+        api_key: str | None = None,
+    ) -> None:
+        self.text_encoder = text_encoder
+        self.image_encoder = image_encoder
+        self.prior = prior
+        self.decoder = decoder
+        self.upsamplers = upsamplers
+        self.limits = from_dict(Limits, limits)
+        self.api_key = api_key or None
+        spec = read_bundle_spec(bundle)
+        self.settings: SamplingSettings = spec.sampling
+        decoder_cfg = load_stage_config(fs.join(bundle, spec.stages[1]))
+        self.decoder_size: int = decoder_cfg.net.image_size  # type: ignore[union-attr]
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return make_api(
+            self,
+            self.limits,
+            self.api_key,
+            page_config={"limits": to_dict(self.limits), "defaults": to_dict(self.settings)},
+        )
+
+    # ------------------------------------------------------------------ endpoints
+    async def generate(self, req: Any) -> GenerateResponse:
+        start = time.perf_counter()
+        n = req.num_images
+        seed, seeds = self._seeds(req.seed, n)
+        s = self._resolve(
+            prior_steps=req.prior_steps,
+            decoder_steps=req.decoder_steps,
+            upsampler_steps=req.upsampler_steps,
+            prior_guidance_scale=req.prior_guidance_scale,
+            decoder_guidance_scale=req.decoder_guidance_scale,
+            candidates=req.candidates,
+        )
+        timings: dict[str, float] = {}
+
+        # 1. CLIP text encoder: the caption's embedding (and token states), one row per image
+        text = await self._call(
+            "text_encoder", self.text_encoder.encode.remote(req.prompt), timings
+        )
+        text = text.repeat(n)
+
+        # 2. prior: CLIP text embedding -> CLIP image embedding (best of `candidates`)
+        image_emb = await self._call(
+            "prior", self.prior.sample.remote(PriorJob(text, seeds, s)), timings
+        )
+
+        # 3. decoder: CLIP image embedding -> base-resolution image
+        images = await self._call(
+            "decoder", self.decoder.sample.remote(DecodeJob(image_emb, text, seeds, s)), timings
+        )
+
+        # 4. upsamplers: each multiplies the resolution
+        images = await self._upsample(images, seeds, s, timings)
+        return await self._respond(images, seed, timings, start)
+
+    async def variations(self, req: Any) -> GenerateResponse:
+        start = time.perf_counter()
+        x = await self._decode_images([req.image], ["image"])
+        timings: dict[str, float] = {"decode_image": time.perf_counter() - start}
+        n = req.num_images
+        seed, seeds = self._seeds(req.seed, n)
+        s = self._resolve(decoder_eta=VARIATIONS_ETA if req.eta is None else req.eta)
+
+        # 1-2. CLIP image encoder (z_i) and DDIM inversion of the decoder: x_T such that
+        # decoding (z_i, x_T) gives the input image back
+        z, x_T = await self._bipartite_latents(x, s, timings)
+
+        # 3. decoder with eta > 0 from the shared x_T: variations keep semantics and layout
+        job = DecodeJob(z.repeat(n, 1), None, seeds, s, noise=x_T.repeat(n, 1, 1, 1))
+        images = await self._call("decoder", self.decoder.sample.remote(job), timings)
+
+        # 4. upsamplers
+        images = await self._upsample(images, seeds, s, timings)
+        return await self._respond(images, seed, timings, start)
+
+    async def interpolate(self, req: Any) -> GenerateResponse:
+        start = time.perf_counter()
+        x = await self._decode_images([req.image_a, req.image_b], ["image_a", "image_b"])
+        timings: dict[str, float] = {"decode_image": time.perf_counter() - start}
+        seed, seeds = self._seeds(req.seed, req.frames)
+        s = self.settings
+
+        # 1-2. bipartite latents of both images: CLIP image embeddings, decoder DDIM inversion
+        z, x_T = await self._bipartite_latents(x, s, timings)
+
+        # 3. slerp from a to b, then decode deterministically from the latents and upsample
+        z, x_T = interpolation_latents(z[0:1], x_T[0:1], z[1:2], x_T[1:2], req.frames)
+        images = await self._decode_latents(z, x_T, seeds, s, timings)
+        return await self._respond(images, seed, timings, start)
+
+    async def text_diff(self, req: Any) -> GenerateResponse:
+        start = time.perf_counter()
+        x = await self._decode_images([req.image], ["image"])
+        timings: dict[str, float] = {"decode_image": time.perf_counter() - start}
+        seed, seeds = self._seeds(req.seed, req.frames)
+        s = self.settings
+        from_text = TEXT_DIFF_FROM if req.from_text is None else req.from_text
+        strength = TEXT_DIFF_STRENGTH if req.max_strength is None else req.max_strength
+
+        # 1. the two captions' CLIP text embeddings
+        to_text, from_text = await asyncio.gather(
+            self._call("text_encoder", self.text_encoder.encode.remote(req.to_text), timings),
+            self._call("text_encoder", self.text_encoder.encode.remote(from_text), timings),
+        )
+
+        # 2. the image's bipartite latent
+        z, x_T = await self._bipartite_latents(x, s, timings)
+
+        # 3. move z along the text diff with x_T fixed, then decode deterministically
+        z, x_T = text_diff_latents(z, x_T, to_text.emb, from_text.emb, req.frames, strength)
+        images = await self._decode_latents(z, x_T.contiguous(), seeds, s, timings)
+        return await self._respond(images, seed, timings, start)
+
+    async def health(self) -> tuple[bool, dict[str, str]]:
+        """Ask every stage deployment for ``ready()`` (a cheap, unbatched call)."""
+        handles = self._stages()
+
+        async def ping(h: DeploymentHandle) -> str:
+            try:
+                return await asyncio.wait_for(_awaitable(h.ready.remote()), timeout=5.0)
+            except TimeoutError:
+                return "timeout"
+            except Exception as e:  # noqa: BLE001 - any failure means "not ready"
+                return f"unavailable ({type(e).__name__})"
+
+        answers = await asyncio.gather(*(ping(h) for h in handles.values()))
+        stages = dict(zip(handles, answers, strict=True))
+        return all(a == "ok" for a in answers), stages
+
+    # ------------------------------------------------------------------ helpers
+    def _seeds(self, seed: int | None, n: int) -> tuple[int, list[int]]:
+        """The request's seed (a random one if unset) and its per-image seeds."""
+        seed = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
+        return seed, image_seeds(seed, n)
+
+    async def _decode_images(self, texts: list[str], fields: list[str]) -> Tensor:
+        """Base64 images -> (N, 3, S, S) in [-1, 1] at the decoder's resolution."""
+
+        def run() -> Tensor:
+            images = [decode_image(t, self.limits, f) for t, f in zip(texts, fields, strict=True)]
+            return torch.cat([from_pil(img, self.decoder_size) for img in images])
+
+        return await asyncio.to_thread(run)
+
+    async def _bipartite_latents(
+        self, x: Tensor, s: SamplingSettings, timings: dict[str, float]
+    ) -> tuple[Tensor, Tensor]:
+        """Images (N, 3, S, S) -> (z_i (N, D) from the CLIP image encoder, x_T by inversion)."""
+        z = await self._call("image_encoder", self.image_encoder.encode.remote(x), timings)
+        job = InvertJob(x, z, s)
+        x_T = await self._call("inversion", self.decoder.invert.remote(job), timings)
+        return z, x_T
+
+    async def _decode_latents(
+        self,
+        z: Tensor,
+        x_T: Tensor,
+        seeds: list[int],
+        s: SamplingSettings,
+        timings: dict[str, float],
+    ) -> Tensor:
+        """Decode (z, x_T) rows with eta 0 (deterministic given the latent), then upsample."""
+        job = DecodeJob(z, None, seeds, replace(s, decoder_eta=0.0), noise=x_T)
+        images = await self._call("decoder", self.decoder.sample.remote(job), timings)
+        return await self._upsample(images, seeds, s, timings)
+
+    def _stages(self) -> dict[str, DeploymentHandle]:
+        stages = {
+            "text_encoder": self.text_encoder,
+            "image_encoder": self.image_encoder,
+            "prior": self.prior,
+            "decoder": self.decoder,
+        }
+        stages.update({f"upsampler{i + 1}": h for i, h in enumerate(self.upsamplers)})
+        return stages
+
+    def _resolve(self, **overrides: Any) -> SamplingSettings:
+        """Bundle defaults with the request's non-None settings."""
+        return replace(self.settings, **{k: v for k, v in overrides.items() if v is not None})
+
+    async def _upsample(
+        self, images: Any, seeds: list[int], s: SamplingSettings, timings: dict[str, float]
+    ) -> Any:
+        for i, up in enumerate(self.upsamplers):
+            job = UpsampleJob(images, seeds, s)
+            images = await self._call(f"upsampler{i + 1}", up.sample.remote(job), timings)
+        return images
+
+    async def _call(
+        self, stage: str, response: DeploymentResponse, timings: dict[str, float]
+    ) -> Any:
+        """Await one stage call with the stage timeout; map failures to 503/504."""
+        t0 = time.perf_counter()
+        try:
+            out = await asyncio.wait_for(_awaitable(response), timeout=self.limits.stage_timeout_s)
+        except TimeoutError:
+            response.cancel()
+            raise StageError(
+                stage, f"took longer than {self.limits.stage_timeout_s:g} s", 504
+            ) from None
+        except UNAVAILABLE as e:
+            raise StageError(stage, f"unavailable ({type(e).__name__}); retry shortly") from None
+        except RayTaskError as e:
+            if isinstance(e.cause, UNAVAILABLE):
+                raise StageError(stage, f"unavailable ({type(e.cause).__name__})") from None
+            raise
+        timings[stage] = time.perf_counter() - t0
+        return out
+
+    async def _respond(
+        self, images: Any, seed: int, timings: dict[str, float], start: float
+    ) -> GenerateResponse:
+        t0 = time.perf_counter()
+        pngs = await asyncio.to_thread(lambda: [encode_png_b64(a) for a in to_uint8(images)])
+        timings["encode_png"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - start
+        return GenerateResponse(images=pngs, seed=seed, timings=timings)
+
+
+async def _awaitable(response: DeploymentResponse) -> Any:
+    return await response

@@ -1,0 +1,387 @@
+"""The Serve application over real HTTP on 127.0.0.1: deployed once per module from
+``serving/config.yaml`` (through ``serving.cli.serve_config`` + ``deploy``, what
+``unclip serve`` runs) with a tiny random bundle on S3."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from PIL import Image
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+
+from serving.cli import deploy as deploy_config
+from serving.cli import load_config, serve_config
+from tests.conftest import free_port
+from tests.serving_cdp import Browser, find_chromium
+from tests.tiny import make_tiny_bundle
+from unclip import manipulations
+from unclip.pipeline import UnclipPipeline
+
+TEST_LIMITS = {
+    "max_num_images": 4,
+    "max_steps": 12,
+    "max_candidates": 3,
+    "max_prompt_chars": 80,
+    "max_image_bytes": 100_000,
+    "max_image_pixels": 256 * 256,
+    "stage_timeout_s": 30.0,
+}
+STAGES = {"text_encoder", "image_encoder", "prior", "decoder", "upsampler1"}
+
+
+@dataclass(frozen=True)
+class Served:
+    url: str
+    bundle: str
+
+    def post(self, path: str, timeout: float = 60, **kw: Any) -> requests.Response:
+        return requests.post(self.url + path, timeout=timeout, **kw)
+
+    def generate(self, **body: Any) -> dict[str, Any]:
+        r = self.post("/v1/generate", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+
+@pytest.fixture(scope="module")
+def served(ray_session: None, s3_server: str) -> Iterator[Served]:
+    """The app serving a tiny bundle from S3 (moto over HTTP); the replicas get the S3
+    settings through the application's runtime_env, as on a cluster."""
+    import boto3
+    from ray import serve
+
+    bucket = f"served-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    bundle = make_tiny_bundle(f"s3://{bucket}/tiny")
+    config = load_config()
+    app = config["applications"][0]
+    app["args"]["limits"].update(TEST_LIMITS)
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    app["runtime_env"] = {"env_vars": {**env, "PYTHONPATH": os.getcwd()}}
+    port = free_port()
+    deploy_config(serve_config(config, bundle, port=port), timeout_s=300)
+    yield Served(f"http://127.0.0.1:{port}", bundle)
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pipeline(served: Served) -> UnclipPipeline:
+    return UnclipPipeline.from_bundle(served.bundle)
+
+
+def decode(images: list[str]) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in images])
+
+
+def assert_close(a: np.ndarray, b: np.ndarray) -> None:
+    """Same images up to float noise: different processes may use other BLAS kernels."""
+    assert a.shape == b.shape
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.mean() < 0.5 and diff.max() <= 8, (diff.mean(), diff.max())
+
+
+def png_b64(w: int, h: int) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (10, 200, 90)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+# ---------------------------------------------------------------------- generation
+def test_generate_returns_pngs_seed_and_stage_timings(served: Served) -> None:
+    out = served.generate(prompt="a small red circle", num_images=2, seed=5, decoder_steps=4)
+    images = decode(out["images"])
+    assert images.shape == (2, 32, 32, 3)  # 16 px decoder, x2 upsampler
+    assert out["seed"] == 5
+    assert {"text_encoder", "prior", "decoder", "upsampler1", "total"} <= set(out["timings"])
+    assert all(v >= 0 for v in out["timings"].values())
+
+
+def test_same_seed_same_images_as_the_in_process_pipeline(
+    served: Served, pipeline: UnclipPipeline
+) -> None:
+    req = {"prompt": "a blue square", "num_images": 3, "seed": 11, "decoder_steps": 5}
+    a, b = served.generate(**req), served.generate(**req)
+    assert a["images"] == b["images"]  # byte-identical PNGs
+    other = served.generate(**{**req, "seed": 12})
+    assert other["images"] != a["images"]
+    settings = pipeline.resolve(decoder_steps=5)
+    local = pipeline.generate("a blue square", 3, 11, settings)
+    assert_close(decode(a["images"]), local.images)
+
+    # no seed: one is chosen and returned, and it reproduces the images
+    c = served.generate(prompt="a blue square", decoder_steps=5)
+    d = served.generate(prompt="a blue square", decoder_steps=5, seed=c["seed"])
+    assert 0 <= c["seed"] < 2**32 and d["images"] == c["images"]
+
+
+def test_images_do_not_depend_on_batch_composition(served: Served) -> None:
+    reqs = [
+        {"prompt": f"a {c} triangle", "num_images": 1 + i % 3, "seed": 100 + i, "decoder_steps": 4}
+        for i, c in enumerate(["red", "green", "blue", "grey", "pink", "black"])
+    ]
+    alone = [served.generate(**r)["images"] for r in reqs]
+    with ThreadPoolExecutor(len(reqs)) as pool:
+        together = list(pool.map(lambda r: served.generate(**r)["images"], reqs))
+    for a, t in zip(alone, together, strict=True):
+        assert_close(decode(a), decode(t))
+
+
+def test_variations_follow_the_paper_and_are_reproducible(
+    served: Served, pipeline: UnclipPipeline
+) -> None:
+    src = served.generate(prompt="a yellow circle", seed=3, decoder_steps=4)["images"][0]
+    req = {"image": src, "num_images": 2, "seed": 7, "eta": 0.5}
+    a, b = (served.post("/v1/variations", json=req) for _ in range(2))
+    assert a.status_code == 200, a.text
+    assert a.json()["images"] == b.json()["images"] and a.json()["seed"] == 7
+    assert {"image_encoder", "inversion", "decoder", "upsampler1"} <= set(a.json()["timings"])
+    local = pipeline.variations(Image.open(io.BytesIO(base64.b64decode(src))), 2, 0.5, 7)
+    assert_close(decode(a.json()["images"]), local.images)
+
+
+def test_interpolation_and_text_diff_match_the_in_process_manipulations(
+    served: Served, pipeline: UnclipPipeline
+) -> None:
+    a = served.generate(prompt="a red circle", seed=1, decoder_steps=4)["images"][0]
+    b = served.generate(prompt="a blue square", seed=2, decoder_steps=4)["images"][0]
+    pil = [Image.open(io.BytesIO(base64.b64decode(x))) for x in (a, b)]
+
+    r = served.post("/v1/interpolate", json={"image_a": a, "image_b": b, "frames": 3, "seed": 5})
+    assert r.status_code == 200, r.text
+    assert {"image_encoder", "inversion", "decoder", "upsampler1"} <= set(r.json()["timings"])
+    local = manipulations.interpolate(pipeline, pil[0], pil[1], frames=3, seed=5)
+    assert_close(decode(r.json()["images"]), local.images)
+
+    body = {"image": a, "to_text": "a green square", "frames": 3, "max_strength": 0.4}
+    r = served.post("/v1/text-diff", json={**body, "seed": 6})
+    assert r.status_code == 200, r.text
+    local = manipulations.text_diff(
+        pipeline, pil[0], "a green square", frames=3, max_strength=0.4, seed=6
+    )
+    assert_close(decode(r.json()["images"]), local.images)
+
+
+def test_health_docs_and_page(served: Served) -> None:
+    health = requests.get(served.url + "/v1/health", timeout=30)
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "stages": dict.fromkeys(STAGES, "ok")}
+    schema = requests.get(served.url + "/openapi.json", timeout=30).json()
+    paths = {"/v1/generate", "/v1/variations", "/v1/interpolate", "/v1/text-diff", "/v1/health"}
+    assert paths <= set(schema["paths"])
+    gen = schema["components"]["schemas"]["GenerateRequest"]["properties"]["num_images"]
+    assert gen["maximum"] == TEST_LIMITS["max_num_images"]  # the configured limits are documented
+    assert "swagger" in requests.get(served.url + "/docs", timeout=30).text.lower()
+    page = requests.get(served.url + "/", timeout=30)
+    assert page.status_code == 200 and "<textarea" in page.text and "//cdn" not in page.text
+
+
+# ---------------------------------------------------------------------- bad requests
+OK = {"prompt": "a red circle"}
+BAD_GENERATE = [
+    ({"prompt": ""}, 422, "prompt"),
+    ({"prompt": "   \n\t "}, 422, "prompt"),
+    ({"prompt": "x" * 81}, 422, "prompt"),
+    ({"prompt": 123}, 422, "prompt"),
+    ({}, 422, "prompt"),
+    ({**OK, "num_images": 0}, 422, "num_images"),
+    ({**OK, "num_images": 5}, 422, "num_images"),
+    ({**OK, "num_images": "2"}, 422, "num_images"),
+    ({**OK, "num_images": 1.5}, 422, "num_images"),
+    ({**OK, "prior_steps": 0}, 422, "prior_steps"),
+    ({**OK, "decoder_steps": 13}, 422, "decoder_steps"),
+    ({**OK, "upsampler_steps": -3}, 422, "upsampler_steps"),
+    ({**OK, "decoder_guidance_scale": -0.5}, 422, "decoder_guidance_scale"),
+    ({**OK, "prior_guidance_scale": 1e9}, 422, "prior_guidance_scale"),
+    ({**OK, "candidates": 4}, 422, "candidates"),
+    ({**OK, "seed": -1}, 422, "seed"),
+    ({**OK, "seed": True}, 422, "seed"),
+    ({**OK, "style": "oil"}, 422, "style"),
+    ([OK], 422, "body"),
+]
+BAD_VARIATIONS = [
+    ({"image": "!!!not base64!!!"}, 422, "image"),
+    ({"image": base64.b64encode(b"GIF89a but not really").decode()}, 422, "image"),
+    ({"image": base64.b64encode(os.urandom(120_000)).decode()}, 413, "image"),
+    ({"image": png_b64(300, 300)}, 413, "image"),  # few bytes, too many pixels
+    ({"image": png_b64(8, 8), "eta": 1.5}, 422, "eta"),
+    ({"image": png_b64(8, 8), "num_images": 9}, 422, "num_images"),
+    ({"image": png_b64(8, 8), "prompt": "x"}, 422, "prompt"),
+]
+BAD_MANIPULATIONS = [
+    ({"image_a": png_b64(8, 8), "frames": 3}, 422, "image_b"),
+    ({"image_a": png_b64(8, 8), "image_b": "%%%", "frames": 3}, 422, "image_b"),
+    ({"image_a": png_b64(8, 8), "image_b": png_b64(8, 8), "frames": 9}, 422, "frames"),
+    ({"image": png_b64(8, 8), "to_text": "", "frames": 3}, 422, "to_text"),
+    ({"image": png_b64(8, 8), "to_text": "a", "frames": 3, "max_strength": 2}, 422, "max_strength"),
+    ({"image": png_b64(900, 900), "to_text": "a", "frames": 3}, 413, "image"),
+]
+
+
+def _path(body: Any) -> str:
+    if "image_a" in body:
+        return "/v1/interpolate"
+    if "to_text" in body:
+        return "/v1/text-diff"
+    return "/v1/variations" if "image" in body else "/v1/generate"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"), BAD_GENERATE + BAD_VARIATIONS + BAD_MANIPULATIONS
+)
+def test_bad_requests_get_4xx_naming_the_field(
+    served: Served, body: Any, status: int, field: str
+) -> None:
+    path = _path(body)
+    r = served.post(path, json=body)
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert field in detail, detail
+
+
+def test_malformed_json_and_wrong_content(served: Served) -> None:
+    headers = {"Content-Type": "application/json"}
+    r = served.post("/v1/generate", data=b'{"prompt": "a circle",', headers=headers)
+    assert r.status_code == 400 and r.json()["detail"].startswith("body: malformed JSON")
+    r = served.post("/v1/generate", data=b"\xff\xfe", headers=headers)
+    assert 400 <= r.status_code < 500
+    r = served.post("/v1/generate", data=b"prompt=a", headers={"Content-Type": "text/plain"})
+    assert 400 <= r.status_code < 500
+    r = served.post("/v1/variations", data=b"x" * 200_000, headers=headers)
+    assert r.status_code == 413 and r.json()["detail"].startswith("body:")
+
+
+def test_replicas_stay_healthy_after_bad_requests(served: Served) -> None:
+    assert requests.get(served.url + "/v1/health", timeout=30).status_code == 200
+    assert len(served.generate(prompt="a green star", seed=1)["images"]) == 1
+
+
+# ---------------------------------------------------------------------- slow: fuzzing, browser
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_openapi_fuzzing_finds_no_server_errors(served: Served, mode: str) -> None:
+    """Schemathesis against /openapi.json: schema-valid and schema-invalid requests to every
+    operation; no answer may be a 5xx, and the service stays healthy."""
+    schema = schemathesis.openapi.from_url(served.url + "/openapi.json")
+
+    @given(case=schema.as_strategy(GenerationMode(mode)))
+    @settings(
+        max_examples=60,
+        deadline=None,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],  # bounded time: no shrinking
+        suppress_health_check=list(HealthCheck),
+    )
+    def fuzz(case: Any) -> None:
+        r = case.call_and_validate(base_url=served.url, checks=[not_a_server_error], timeout=60)
+        statuses.append(r.status_code)
+
+    statuses: list[int] = []
+    fuzz()
+    print(f"{mode}: {len(statuses)} requests, status codes {sorted(set(statuses))}")
+    assert (200 if mode == "positive" else 422) in statuses  # the fuzzing reached both sides
+    assert requests.get(served.url + "/v1/health", timeout=30).status_code == 200
+
+
+@pytest.mark.slow
+def test_web_page_generates_in_headless_chromium(served: Served) -> None:
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip("no chromium found (apt-get install -y chromium; see infra/ci_setup.sh)")
+    with Browser(exe) as page:
+        page.navigate(served.url + "/")
+        page.type_into("#prompt", "a small red circle")
+        page.type_into("#num_images", "2")
+        page.type_into("#seed", "4")
+        page.click("#generate")
+        n = page.wait_for(
+            "document.querySelectorAll('#images img').length === 2 && "
+            "[...document.querySelectorAll('#images img')].every(i => i.complete && "
+            "i.naturalWidth === 32) && document.querySelectorAll('#images img').length",
+            context="document.getElementById('status').textContent + ' | ' + "
+            "document.getElementById('error').textContent",
+        )
+        assert n == 2
+        assert "seed 4" in page.eval("document.getElementById('status').textContent")
+        # errors from the API are shown, not swallowed
+        page.type_into("#prompt", "   ")
+        page.click("#generate")
+        err = page.wait_for("document.getElementById('error').textContent")
+        assert err.startswith("422") and "prompt" in err
+
+
+# ---------------------------------------------------------------------- slow: load, failure
+def _timed_post(served: Served, body: dict[str, Any], timeout: float) -> tuple[int, float]:
+    t0 = time.monotonic()
+    try:
+        r = served.post("/v1/generate", json=body, timeout=timeout)
+        return r.status_code, time.monotonic() - t0
+    except requests.RequestException as e:
+        return -1 if isinstance(e, requests.Timeout) else -2, time.monotonic() - t0
+
+
+@pytest.mark.slow
+def test_64_concurrent_generate_requests_all_succeed(served: Served) -> None:
+    bodies = [{"prompt": f"shape {i}", "seed": i, "decoder_steps": 4} for i in range(64)]
+    with ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(lambda b: _timed_post(served, b, 120), bodies))
+    assert [s for s, _ in results] == [200] * 64
+
+
+def _replica_pids(deployment: str) -> list[int]:
+    """PIDs of the live replica actors of a deployment (from the GCS actor table)."""
+    from ray._private.state import actors
+
+    cls = f"ServeReplica:unclip:{deployment}"
+    return [
+        a["Pid"] for a in actors().values() if a["ActorClassName"] == cls and a["State"] == "ALIVE"
+    ]
+
+
+@pytest.mark.slow
+def test_killed_replica_is_restarted_and_no_request_hangs(served: Served) -> None:
+    before = _replica_pids("Decoder")
+    assert before
+    timeout = 45.0
+    bodies = [
+        {"prompt": f"load {i}", "seed": i, "num_images": 4, "decoder_steps": 12} for i in range(64)
+    ]
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(_timed_post, served, b, timeout) for b in bodies]
+        while sum(f.done() for f in futures) < 4:  # kill mid-load
+            time.sleep(0.05)
+        os.kill(before[0], signal.SIGKILL)
+        done_before_kill = sum(f.done() for f in futures)
+        results = [f.result() for f in futures]
+    statuses = [s for s, _ in results]
+    print(f"killed Decoder pid {before[0]} after {done_before_kill}/64 requests; {statuses}")
+    assert done_before_kill < 64
+    assert -1 not in statuses and -2 not in statuses, statuses  # nothing hung or was dropped
+    assert set(statuses) <= {200, 503, 504, 500}, statuses
+    assert max(t for _, t in results) < timeout
+    assert 200 in statuses
+
+    # Serve replaces the replica; the service is healthy again and serves requests
+    deadline = time.monotonic() + 120
+    while True:
+        pids = _replica_pids("Decoder")
+        health = requests.get(served.url + "/v1/health", timeout=30).status_code
+        if pids and before[0] not in pids and health == 200:
+            break
+        assert time.monotonic() < deadline, (pids, health)
+        time.sleep(1)
+    assert [_timed_post(served, b, 60)[0] for b in bodies[:4]] == [200] * 4

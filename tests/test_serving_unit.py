@@ -1,0 +1,261 @@
+"""Serving pieces that need no Ray cluster: the Serve config, limits, image checks, request
+models, and the HTTP guards (API key, body size) over real HTTP with uvicorn."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from serving.api import GenerateResponse, RequestModels, make_api
+from serving.app import AppArgs, upsampler_names
+from serving.batching import DecodeJob, PriorJob, cat_text, run_grouped, split_rows
+from serving.cli import CONFIG_PATH, load_config, serve_config
+from serving.deployments import Decoder, ImageEncoder, Prior, TextEncoder
+from serving.images import RequestError, decode_image
+from serving.ingress import Ingress
+from serving.limits import Limits
+from tests.conftest import free_port
+from tests.tiny import make_tiny_bundle, save_tiny_clip, tiny_configs
+from unclip.checkpoint import make_bundle, save_stage
+from unclip.cli import UserError
+from unclip.conditioning import TextCond
+from unclip.config import ConfigError, SamplingSettings
+from unclip.models import build_model
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return make_tiny_bundle(str(tmp_path_factory.mktemp("unit")))
+
+
+def png_b64(w: int, h: int, color: tuple[int, int, int] = (200, 30, 30)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def png_header_b64(w: int, h: int) -> str:
+    """A PNG whose (valid, CRC-checked) header claims w x h pixels, with 10 bytes of pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    idat = chunk(b"IDAT", zlib.compress(b"\0" * 10))
+    return base64.b64encode(b"\x89PNG\r\n\x1a\n" + ihdr + idat).decode()
+
+
+# ---------------------------------------------------------------------- Serve config
+def test_config_yaml_is_a_valid_serve_deploy_config() -> None:
+    schema = ServeDeploySchema.model_validate(load_config(CONFIG_PATH))
+    app = schema.applications[0]
+    assert app.import_path == "serving.app:build_app"
+    assert schema.http_options.host == "127.0.0.1"
+    assert schema.http_options.request_timeout_s
+    AppArgs.model_validate(app.args)  # the args are what build_app accepts
+    Limits.from_sources(app.args["limits"], env={})
+    names = {d.name for d in app.deployments}
+    code = {Ingress.name, TextEncoder.name, ImageEncoder.name, Prior.name, Decoder.name}
+    assert names == code | set(upsampler_names(1))
+    for d in app.deployments:
+        batch = d.user_config.get("max_batch_size", 1) if isinstance(d.user_config, dict) else 1
+        assert d.max_ongoing_requests >= batch, d.name
+
+
+def test_serve_config_fills_in_the_bundle(bundle: str, tmp_path: Any) -> None:
+    schema = serve_config(load_config(), bundle, host="127.0.0.1", port=8123, api_key="k")
+    app = schema.applications[0]
+    assert app.args["bundle"] == bundle and schema.http_options.port == 8123
+    assert app.runtime_env["env_vars"]["UNCLIP_API_KEY"] == "k"
+    assert "Upsampler1" in {d.name for d in app.deployments}
+
+    # a bundle without upsamplers: the Upsampler1 entry goes; with GPUs, each model gets a share
+    clip = save_tiny_clip(f"{tmp_path}/clip")
+    paths = []
+    for cfg in tiny_configs(clip)[:2]:
+        save_stage(f"{tmp_path}/{cfg.stage}", cfg, build_model(cfg).state_dict())
+        paths.append(f"{tmp_path}/{cfg.stage}")
+    make_bundle(f"{tmp_path}/b0", f"{tmp_path}/clip", paths[0], paths[1], [])
+    schema = serve_config(load_config(), f"{tmp_path}/b0", gpus=1.0)
+    deps = {d.name: d for d in schema.applications[0].deployments}
+    assert "Upsampler1" not in deps
+    assert deps["Decoder"].ray_actor_options.num_gpus == 0.25
+    assert not deps["Ingress"].ray_actor_options.num_gpus
+
+
+def test_serve_config_errors_are_one_line(bundle: str, tmp_path: Any) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(Exception, match="not a bundle"):
+        serve_config(load_config(), str(tmp_path))
+    bad = load_config()
+    bad["applications"][0]["deployments"][0]["max_ongoing_requests"] = "many"
+    with pytest.raises(UserError, match="invalid Serve config"):
+        serve_config(bad, bundle)
+
+
+# ---------------------------------------------------------------------- limits
+def test_limits_sources_and_errors() -> None:
+    assert Limits.from_sources({}, env={}) == Limits()
+    env = {"UNCLIP_MAX_NUM_IMAGES": "3", "UNCLIP_STAGE_TIMEOUT_S": "2.5"}
+    lim = Limits.from_sources({}, env=env)
+    assert lim.max_num_images == 3 and lim.stage_timeout_s == 2.5
+    assert Limits.from_sources({"max_num_images": 5}, env=env).max_num_images == 5  # args win
+    with pytest.raises(ConfigError, match="max_num_imgs"):
+        Limits.from_sources({"max_num_imgs": 5}, env={})
+    with pytest.raises(ConfigError, match="UNCLIP_MAX_STEPS"):
+        Limits.from_sources({}, env={"UNCLIP_MAX_STEPS": "many"})
+    with pytest.raises(ConfigError, match="max_steps must be > 0"):
+        Limits.from_sources({"max_steps": 0}, env={})
+
+
+# ---------------------------------------------------------------------- images
+def test_decode_image_accepts_images_and_data_urls() -> None:
+    lim = Limits()
+    assert decode_image(png_b64(7, 5), lim).size == (7, 5)
+    assert decode_image("data:image/png;base64," + png_b64(4, 4), lim).mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    ("text", "status", "words"),
+    [
+        ("", 422, "empty"),
+        ("not base64 at all!", 422, "base64"),
+        (base64.b64encode(b"hello, not an image").decode(), 422, "not an image"),
+        (png_b64(100, 100), 413, "10000 pixels"),  # limit below: 64 * 64
+        (png_header_b64(20000, 20000), 413, "pixels"),  # PIL's bomb check, header only
+        (png_header_b64(60, 60), 422, "could not be decoded"),  # header fine, no pixel data
+        (base64.b64encode(b"\0" * 5000).decode(), 413, "bytes"),
+    ],
+)
+def test_decode_image_rejects_bad_images(text: str, status: int, words: str) -> None:
+    lim = Limits(max_image_pixels=64 * 64, max_image_bytes=4000)
+    with pytest.raises(RequestError) as e:
+        decode_image(text, lim)
+    assert e.value.status == status and e.value.field == "image"
+    assert words in str(e.value) and str(e.value).startswith("image: ")
+
+
+# ---------------------------------------------------------------------- request models
+def test_request_models_follow_the_limits() -> None:
+    m = RequestModels(Limits(max_num_images=4, max_steps=20, max_prompt_chars=10))
+    assert m.generate.model_validate({"prompt": "a circle", "num_images": 4}).num_images == 4
+    for bad, field in [
+        ({"prompt": "  \t"}, "prompt"),
+        ({"prompt": "x" * 11}, "prompt"),
+        ({"prompt": "a", "num_images": 5}, "num_images"),
+        ({"prompt": "a", "num_images": "2"}, "num_images"),  # strict: no string coercion
+        ({"prompt": "a", "decoder_steps": 21}, "decoder_steps"),
+        ({"prompt": "a", "prior_guidance_scale": -1}, "prior_guidance_scale"),
+        ({"prompt": "a", "seed": 2**32}, "seed"),
+        ({"prompt": "a", "colour": "red"}, "colour"),
+    ]:
+        with pytest.raises(ValidationError) as e:
+            m.generate.model_validate(bad)
+        assert e.value.errors()[0]["loc"] == (field,), bad
+    assert m.variations.model_validate({"image": "abc", "eta": 1}).eta == 1.0
+    assert m.text_diff.model_validate({"image": "a", "to_text": "b", "frames": 2}).frames == 2
+    for bad, field in [
+        ({"image": "a", "to_text": " ", "frames": 2}, "to_text"),
+        ({"image": "a", "to_text": "b", "frames": 1}, "frames"),
+        ({"image": "a", "to_text": "b", "frames": 3, "max_strength": 0}, "max_strength"),
+        ({"image": "a", "to_text": "b"}, "frames"),
+    ]:
+        with pytest.raises(ValidationError) as e:
+            m.text_diff.model_validate(bad)
+        assert e.value.errors()[0]["loc"] == (field,), bad
+
+
+# ---------------------------------------------------------------------- batching helpers
+def test_run_grouped_runs_each_settings_group_once_in_order() -> None:
+    s1, s2 = SamplingSettings(prior_steps=4), SamplingSettings(prior_steps=8)
+    text = TextCond(torch.randn(1, 3))
+    jobs = [PriorJob(text, [i], s) for i, s in enumerate([s1, s2, s1, s2, s1])]
+    calls: list[list[int]] = []
+
+    def run(group: list[PriorJob]) -> list[int]:
+        calls.append([j.seeds[0] for j in group])
+        return [j.seeds[0] * 10 for j in group]
+
+    assert run_grouped(jobs, PriorJob.key, run) == [0, 10, 20, 30, 40]
+    assert calls == [[0, 2, 4], [1, 3]]
+    a = TextCond(torch.randn(2, 3), torch.randn(2, 4, 5), torch.ones(2, 4, dtype=torch.bool))
+    b = TextCond(torch.randn(1, 3), torch.randn(1, 4, 5), torch.ones(1, 4, dtype=torch.bool))
+    both = cat_text([a, b])
+    assert both.emb.shape == (3, 3) and both.states is not None and both.states.shape == (3, 4, 5)
+    assert [t.shape[0] for t in split_rows(both.emb, [2, 1])] == [2, 1]
+    with_text = DecodeJob(torch.randn(1, 3), a, [0], s1)
+    assert with_text.key() != DecodeJob(torch.randn(1, 3), None, [0], s1).key()
+
+
+# ---------------------------------------------------------------------- HTTP guards
+class _EchoService:
+    """Stands in for the ingress so the HTTP layer can be tested on its own."""
+
+    async def generate(self, req: Any) -> GenerateResponse:
+        img = np.zeros((2, 2, 3), np.uint8)
+        from serving.images import encode_png_b64
+
+        return GenerateResponse(images=[encode_png_b64(img)], seed=req.seed or 0, timings={})
+
+    async def variations(self, req: Any) -> GenerateResponse:
+        raise RequestError("image", "never mind")
+
+    async def health(self) -> tuple[bool, dict[str, str]]:
+        return True, {"echo": "ok"}
+
+
+@pytest.fixture(scope="module")
+def guarded_url() -> Iterator[str]:
+    import uvicorn
+
+    app = make_api(_EchoService(), Limits(max_image_bytes=1000), api_key="s3cret")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_api_key_is_required_except_on_open_paths(guarded_url: str) -> None:
+    body = {"prompt": "a circle", "seed": 3}
+    r = requests.post(f"{guarded_url}/v1/generate", json=body, timeout=10)
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert r.json()["detail"].startswith("authorization:")
+    wrong = {"Authorization": "Bearer nope"}
+    assert requests.post(f"{guarded_url}/v1/generate", json=body, headers=wrong).status_code == 401
+    ok = {"Authorization": "Bearer s3cret"}
+    r = requests.post(f"{guarded_url}/v1/generate", json=body, headers=ok, timeout=10)
+    assert r.status_code == 200 and r.json()["seed"] == 3
+    for path in ("/v1/health", "/", "/docs", "/openapi.json"):
+        assert requests.get(guarded_url + path, timeout=10).status_code == 200, path
+    r = requests.post(f"{guarded_url}/v1/variations", json={"image": "x"}, headers=ok, timeout=10)
+    assert r.status_code == 422 and r.json()["detail"] == "image: never mind"
+
+
+def test_oversized_body_is_413_before_parsing(guarded_url: str) -> None:
+    ok = {"Authorization": "Bearer s3cret"}
+    big = {"image": "A" * 100_000}
+    r = requests.post(f"{guarded_url}/v1/variations", json=big, headers=ok, timeout=10)
+    assert r.status_code == 413 and r.json()["detail"].startswith("body:")
