@@ -148,13 +148,14 @@ def _descendant_cpu(root: int) -> dict[tuple[int, int], float]:
 class CpuMeter:
     """CPU seconds (user + system) used by this process and all its descendants (the Ray it
     started: GCS, raylet, workers, actors) while inside the ``with`` block. Sampled every
-    0.1 s so that processes which exit (the actor at the end) still count, less <0.1 s."""
+    0.2 s so that processes which exit (the actor at the end) still count, less <0.2 s."""
 
-    def __init__(self, every_s: float = 0.1) -> None:
+    def __init__(self, every_s: float = 0.2) -> None:
         self.every_s = every_s
         self.first: dict[tuple[int, int], float] = {}
         self.last: dict[tuple[int, int], float] = {}
         self.stop = threading.Event()
+        self.own = 0.0
 
     def sample(self) -> None:
         for key, cpu in _descendant_cpu(os.getpid()).items():
@@ -162,8 +163,10 @@ class CpuMeter:
             self.last[key] = cpu
 
     def run(self) -> None:
+        t0 = time.thread_time()
         while not self.stop.wait(self.every_s):
             self.sample()
+        self.own = time.thread_time() - t0  # the meter's own reading of /proc, not counted
 
     def __enter__(self) -> CpuMeter:
         self.sample()
@@ -179,7 +182,8 @@ class CpuMeter:
 
     @property
     def seconds(self) -> float:
-        return sum(self.last[k] - (self.first[k] if k in self.started else 0.0) for k in self.last)
+        used = sum(self.last[k] - (self.first[k] if k in self.started else 0.0) for k in self.last)
+        return used - self.own
 
 
 def main() -> None:
