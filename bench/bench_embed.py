@@ -145,6 +145,25 @@ def _descendant_cpu(root: int) -> dict[tuple[int, int], float]:
     return {(pid, procs[pid][1]): procs[pid][2] for pid in keep if pid in procs}
 
 
+def _process_kind(pid: int) -> str:
+    """A short name for a process: Ray's process title (ray::Embedder...) or the program."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return "?"
+    first = argv[0].decode(errors="replace")
+    if first.startswith("ray::"):
+        for k in ("Embedder", "decode_units", "_commit", "IDLE"):
+            if k in first:
+                return f"ray::{k}"
+        return first.split("(")[0][:40]
+    if pid == os.getpid():
+        return "driver"
+    prog = next((a.decode() for a in argv[1:] if a.endswith(b".py")), first)
+    return os.path.basename(prog.split()[0]) if prog else "?"
+
+
 class CpuMeter:
     """CPU seconds (user + system) used by this process and all its descendants (the Ray it
     started: GCS, raylet, workers, actors) while inside the ``with`` block. Sampled every
@@ -156,11 +175,17 @@ class CpuMeter:
         self.last: dict[tuple[int, int], float] = {}
         self.stop = threading.Event()
         self.own = 0.0
+        self.kind: dict[str, float] = {}
+        self.started: set[tuple[int, int]] = set()
 
     def sample(self) -> None:
         for key, cpu in _descendant_cpu(os.getpid()).items():
+            prev = self.last.get(key, self.first.get(key, 0.0 if self.started else cpu))
             self.first.setdefault(key, cpu)
             self.last[key] = cpu
+            if cpu > prev:  # attribute the time to what the process is doing now
+                kind = _process_kind(key[0])
+                self.kind[kind] = self.kind.get(kind, 0.0) + cpu - prev
 
     def run(self) -> None:
         t0 = time.thread_time()
@@ -179,6 +204,12 @@ class CpuMeter:
         self.stop.set()
         self.thread.join()
         self.sample()
+
+    def by_kind(self) -> dict[str, float]:
+        """CPU seconds per kind of process at the time it was used (sampled)."""
+        out = dict(self.kind)
+        out["driver"] = out.get("driver", 0.0) - self.own
+        return {k: v for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v > 0.005}
 
     @property
     def seconds(self) -> float:
@@ -243,6 +274,8 @@ def main() -> None:
         e2e.append(s.embedded / s.elapsed_s)
         steady.append(s.steady_rows_per_s)
         cpu_ray.append(meter.seconds / args.n * 1e3)
+        parts = ", ".join(f"{k} {v / args.n * 1e3:.2f}" for k, v in meter.by_kind().items())
+        print(f"  pipeline CPU ms/row by process: {parts}")
         shutil.rmtree(out)
         print(
             f"repeat {r}: plain {plain[-1]:.0f} rows/s ({cpu_plain[-1]:.2f} CPU ms/row), "

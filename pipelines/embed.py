@@ -40,15 +40,20 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import pyarrow as pa
-
 from pipelines import sources, table
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_units
 from pipelines.embedder import Embedder
 from unclip import fs
 from unclip.cli import UserError
 from unclip.clip import Clip, ClipIdentity
-from unclip.schema import DataError, check_clip, errors_uri, parquet_files, read_table_info
+from unclip.schema import (
+    DataError,
+    check_clip,
+    errors_uri,
+    parquet_files,
+    read_table_info,
+    table_schema,
+)
 
 MAX_INPUT_BLOCKS = 2000
 DECODE_TASK_MEMORY = 2**30  # bytes reserved per decode task (worker + one read unit)
@@ -384,13 +389,12 @@ def _execute(
         **env,
     )
     ds = ds.map_batches(
-        _commit,
+        table.commit_parts,
         batch_size=opts.rows_per_part or 4 * opts.batch_size,
         batch_format="pyarrow",
         fn_kwargs={
             "output": opts.output,
-            "identity": identity,
-            "with_image": opts.image_size > 0,
+            "schema": table_schema(identity.embed_dim, identity, with_image=opts.image_size > 0),
             "known": known,
         },
         num_cpus=0,  # light; must not wait for a CPU behind the decode tasks
@@ -400,7 +404,3 @@ def _execute(
         yield from batch.to_pylist()
     if opts.stats:
         print(ds.stats(), file=sys.stderr)
-
-
-def _commit(batch: pa.Table, **kwargs) -> pa.Table:
-    return pa.Table.from_pylist([table.commit_batch(batch, **kwargs)])
