@@ -226,7 +226,7 @@ def test_webdataset_shards_and_parquet_inputs(tmp_path, ray_session) -> None:
 
 
 # ---------------------------------------------------------------------------- S3
-def test_s3_folder_and_shards_in_s3_table_out(tmp_path, s3_bucket, ray_session) -> None:
+def test_s3_folder_in_s3_table_out_and_incremental(tmp_path, s3_bucket, ray_session) -> None:
     clip = save_tiny_clip(f"{s3_bucket}/clip")
     local = tmp_path / "in"
     write_good_folder(str(local), 12)
@@ -245,15 +245,19 @@ def test_s3_folder_and_shards_in_s3_table_out(tmp_path, s3_bucket, ray_session) 
     assert [r["stage"] for r in read_errors(out)] == ["decode"]
     assert expected["truncated"] == "decode"
 
-    # an incremental re-run on S3 writes nothing; shards on S3 read with ranged GETs
+    # an incremental re-run on S3 writes nothing new
     before = files_of(out)
     assert run_embed(o).embedded == 0 and files_of(out) == before
-    write_tar(
-        str(tmp_path / "a.tar"), [(f"{i:03d}", colour_jpeg(i), f"c{i}", None) for i in range(5)]
-    )
+
+
+@pytest.mark.slow
+def test_s3_webdataset_shards_read_with_ranged_gets(tmp_path, s3_bucket, ray_session) -> None:
+    save_tiny_clip(f"{s3_bucket}/clip")
+    samples = [(f"{i:03d}", colour_jpeg(i), f"c{i}", None) for i in range(5)]
+    write_tar(str(tmp_path / "a.tar"), samples)
     fs.write_bytes(f"{s3_bucket}/shards/a.tar", (tmp_path / "a.tar").read_bytes())
-    o2 = opts(f"{s3_bucket}/shards", f"{s3_bucket}/t2", f"{s3_bucket}/clip", env=aws_env())
-    assert run_embed(o2).embedded == 5
+    o = opts(f"{s3_bucket}/shards", f"{s3_bucket}/t2", f"{s3_bucket}/clip", env=aws_env())
+    assert run_embed(o).embedded == 5
     assert set(read_rows(f"{s3_bucket}/t2")) == {f"{i:03d}" for i in range(5)}
 
 
