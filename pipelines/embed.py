@@ -207,7 +207,7 @@ def run_embed(opts: EmbedOptions, log: Callable[[str], None] | None = None) -> E
     )
     progress = _Progress(len(todo), t0, say if opts.progress else None)
     if todo:
-        for part in _execute(opts, identity, todo, known):
+        for part in _execute(opts, identity, todo, known, say):
             progress.add(part)
     c = progress.counts
     elapsed = time.perf_counter() - t0
@@ -339,11 +339,27 @@ def _runtime_env(opts: EmbedOptions) -> dict:
     return {"runtime_env": {"env_vars": dict(opts.env)}} if opts.env else {}
 
 
+def _actor_cpus(opts: EmbedOptions, cluster_cpus: float, say: Callable[[str], None]) -> float:
+    """CPUs reserved per actor, shrunk so that one CPU stays free for the decode tasks
+    (else they could never run: on a 2-CPU machine, ``--workers 2`` would hang)."""
+    want = opts.cpus_per_worker
+    if cluster_cpus and opts.workers * want > cluster_cpus - 1:
+        fit = max(cluster_cpus - 1, 0.5) / opts.workers
+        if fit < want:
+            say(
+                f"embed: {opts.workers} actor(s) x {want:g} CPU leave no CPU for decoding on "
+                f"this {cluster_cpus:g}-CPU cluster; reserving {fit:.2f} CPU per actor"
+            )
+            return fit
+    return want
+
+
 def _execute(
     opts: EmbedOptions,
     identity: ClipIdentity,
     todo: list[sources.Entry],
     known: frozenset[tuple[str, str, str]],
+    say: Callable[[str], None],
 ) -> Iterator[dict[str, int]]:
     """The Ray Data pipeline; yields the counts of each committed part as it lands."""
     import ray
@@ -372,7 +388,8 @@ def _execute(
         memory=DECODE_TASK_MEMORY,
         **env,
     )
-    threads = opts.threads_per_worker or max(1, math.floor(opts.cpus_per_worker))
+    cpus = _actor_cpus(opts, ray.cluster_resources().get("CPU", 0.0), say)
+    threads = opts.threads_per_worker or max(1, math.floor(cpus))
     ds = ds.map_batches(
         Embedder,
         compute=ray.data.ActorPoolStrategy(size=opts.workers),
@@ -384,7 +401,7 @@ def _execute(
             "threads": threads,
             "device": "cuda" if opts.gpus_per_worker > 0 else "cpu",
         },
-        num_cpus=opts.cpus_per_worker,
+        num_cpus=cpus,
         num_gpus=opts.gpus_per_worker or None,
         **env,
     )

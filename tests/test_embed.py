@@ -218,7 +218,11 @@ def test_webdataset_shards_and_parquet_inputs(tmp_path, ray_session) -> None:
         row_group_size=1,
     )
     out = str(tmp_path / "out_pq")
-    s = run_embed(opts(str(pqdir), out, str(tmp_path / "clip"), image_size=0))
+    lines: list[str] = []  # two actors on 2 CPUs: their reservation shrinks to fit
+    s = run_embed(
+        opts(str(pqdir), out, str(tmp_path / "clip"), image_size=0, workers=2), lines.append
+    )
+    assert any("reserving 0.50 CPU per actor" in line for line in lines)
     rows = read_rows(out)
     assert s.embedded == 5 and {"b0", "b1"} <= set(rows) and "image" not in rows["b0"]
     assert rows["b1"]["caption"] == "blue"
