@@ -10,7 +10,9 @@ and images, write Parquet. The plain loop runs in this process with ``--cpus`` t
 threads; the pipeline runs on a local Ray with ``--cpus`` CPUs (``run_embed``, fresh output
 each time). Prints the median rows/s of each, end to end (the pipeline includes its
 start-up: worker processes and the actor loading the CLIP) and after the first committed
-part (steady state), and their ratios. Run it on a quiet machine (check ``uptime``).
+part (steady state), and their ratios. Run it on a quiet machine (check ``uptime``): on a
+busy one the wall-clock ratio means little, so it also prints the CPU milliseconds per row
+each side spends (all processes of the local Ray included), which do not depend on load.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -112,6 +115,108 @@ def plain_loop(inp: str, out: str, clip_uri: str, batch_size: int, threads: int)
     return time.perf_counter() - t0
 
 
+def _descendant_cpu(root: int) -> dict[tuple[int, int], float]:
+    """{(pid, start time): CPU seconds} of ``root`` and its descendants, from /proc (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # after "pid (comm)": state ppid ... utime(14) stime(15) ... starttime(22), 1-based
+        ppid, utime, stime, start = (
+            int(fields[1]),
+            int(fields[11]),
+            int(fields[12]),
+            int(fields[19]),
+        )
+        procs[int(name)] = (ppid, start, (utime + stime) / tick)
+    keep, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, _, _) in procs.items():
+            if ppid == parent and pid not in keep:
+                keep.add(pid)
+                frontier.append(pid)
+    return {(pid, procs[pid][1]): procs[pid][2] for pid in keep if pid in procs}
+
+
+def _process_kind(pid: int) -> str:
+    """A short name for a process: Ray's process title (ray::Embedder...) or the program."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return "?"
+    first = argv[0].decode(errors="replace")
+    if first.startswith("ray::"):
+        for k in ("Embedder", "decode_units", "_commit", "IDLE"):
+            if k in first:
+                return f"ray::{k}"
+        return first.split("(")[0][:40]
+    if pid == os.getpid():
+        return "driver"
+    prog = next((a.decode() for a in argv[1:] if a.endswith(b".py")), first)
+    return os.path.basename(prog.split()[0]) if prog else "?"
+
+
+class CpuMeter:
+    """CPU seconds (user + system) used by this process and all its descendants (the Ray it
+    started: GCS, raylet, workers, actors) while inside the ``with`` block. Sampled every
+    0.2 s so that processes which exit (the actor at the end) still count, less <0.2 s."""
+
+    def __init__(self, every_s: float = 0.2) -> None:
+        self.every_s = every_s
+        self.first: dict[tuple[int, int], float] = {}
+        self.last: dict[tuple[int, int], float] = {}
+        self.stop = threading.Event()
+        self.own = 0.0
+        self.kind: dict[str, float] = {}
+        self.started: set[tuple[int, int]] = set()
+
+    def sample(self) -> None:
+        for key, cpu in _descendant_cpu(os.getpid()).items():
+            prev = self.last.get(key, self.first.get(key, 0.0 if self.started else cpu))
+            self.first.setdefault(key, cpu)
+            self.last[key] = cpu
+            if cpu > prev:  # attribute the time to what the process is doing now
+                kind = _process_kind(key[0])
+                self.kind[kind] = self.kind.get(kind, 0.0) + cpu - prev
+
+    def run(self) -> None:
+        t0 = time.thread_time()
+        while not self.stop.wait(self.every_s):
+            self.sample()
+        self.own = time.thread_time() - t0  # the meter's own reading of /proc, not counted
+
+    def __enter__(self) -> CpuMeter:
+        self.sample()
+        self.started = set(self.first)
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sample()
+
+    def by_kind(self) -> dict[str, float]:
+        """CPU seconds per kind of process at the time it was used (sampled)."""
+        out = dict(self.kind)
+        out["driver"] = out.get("driver", 0.0) - self.own
+        return {k: v for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v > 0.005}
+
+    @property
+    def seconds(self) -> float:
+        used = sum(self.last[k] - (self.first[k] if k in self.started else 0.0) for k in self.last)
+        return used - self.own
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=3000)
@@ -155,25 +260,37 @@ def main() -> None:
     run_embed(
         EmbedOptions(input=inp, output=os.path.join(work, "warm"), **opts), log=lambda m: None
     )
-    plain, e2e, steady = [], [], []
+    plain, e2e, steady, cpu_plain, cpu_ray = [], [], [], [], []
     for r in range(args.repeats):
         out = os.path.join(work, f"plain{r}")
+        c0 = time.process_time()
         plain.append(args.n / plain_loop(inp, out, clip_uri, args.batch_size, args.cpus))
+        cpu_plain.append((time.process_time() - c0) / args.n * 1e3)
         shutil.rmtree(out)
         out = os.path.join(work, f"ray{r}")
-        s = run_embed(EmbedOptions(input=inp, output=out, **opts), log=lambda m: None)
+        with CpuMeter() as meter:
+            s = run_embed(EmbedOptions(input=inp, output=out, **opts), log=lambda m: None)
         assert s.embedded == args.n, s
         e2e.append(s.embedded / s.elapsed_s)
         steady.append(s.steady_rows_per_s)
+        cpu_ray.append(meter.seconds / args.n * 1e3)
+        parts = ", ".join(f"{k} {v / args.n * 1e3:.2f}" for k, v in meter.by_kind().items())
+        print(f"  pipeline CPU ms/row by process: {parts}")
         shutil.rmtree(out)
         print(
-            f"repeat {r}: plain {plain[-1]:.0f} rows/s, pipeline {e2e[-1]:.0f} rows/s end to "
-            f"end ({s.first_commit_s:.1f} s to the first part), {steady[-1]:.0f} rows/s after"
+            f"repeat {r}: plain {plain[-1]:.0f} rows/s ({cpu_plain[-1]:.2f} CPU ms/row), "
+            f"pipeline {e2e[-1]:.0f} rows/s end to end ({s.first_commit_s:.1f} s to the first "
+            f"part, {steady[-1]:.0f} rows/s after; {cpu_ray[-1]:.2f} CPU ms/row)"
         )
-    mp, me, ms = (statistics.median(x) for x in (plain, e2e, steady))
-    print(f"plain single-process loop: {mp:.0f} rows/s (median of {args.repeats})")
-    print(f"Ray Data pipeline:         {me:.0f} rows/s end to end, {ms:.0f} rows/s steady")
-    print(f"ratio pipeline/plain:      {me / mp:.2f} end to end, {ms / mp:.2f} steady")
+    mp, me, ms, cp, cr = (statistics.median(x) for x in (plain, e2e, steady, cpu_plain, cpu_ray))
+    print(
+        f"plain single-process loop: {mp:.0f} rows/s, {cp:.2f} CPU ms/row (medians of {args.repeats})"
+    )
+    print(
+        f"Ray Data pipeline:         {me:.0f} rows/s end to end, {ms:.0f} rows/s steady, {cr:.2f} CPU ms/row"
+    )
+    print(f"ratio pipeline/plain:      {me / mp:.2f} end to end, {ms / mp:.2f} steady (rows/s)")
+    print(f"CPU cost ratio plain/pipeline: {cp / cr:.2f} (load-independent efficiency)")
     print(f"load: {os.getloadavg()[0]:.2f}")
     ray.shutdown()
     shutil.rmtree(work)

@@ -40,15 +40,20 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import pyarrow as pa
-
 from pipelines import sources, table
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_units
 from pipelines.embedder import Embedder
 from unclip import fs
 from unclip.cli import UserError
 from unclip.clip import Clip, ClipIdentity
-from unclip.schema import DataError, check_clip, errors_uri, parquet_files, read_table_info
+from unclip.schema import (
+    DataError,
+    check_clip,
+    errors_uri,
+    parquet_files,
+    read_table_info,
+    table_schema,
+)
 
 MAX_INPUT_BLOCKS = 2000
 DECODE_TASK_MEMORY = 2**30  # bytes reserved per decode task (worker + one read unit)
@@ -202,7 +207,7 @@ def run_embed(opts: EmbedOptions, log: Callable[[str], None] | None = None) -> E
     )
     progress = _Progress(len(todo), t0, say if opts.progress else None)
     if todo:
-        for part in _execute(opts, identity, todo, known):
+        for part in _execute(opts, identity, todo, known, say):
             progress.add(part)
     c = progress.counts
     elapsed = time.perf_counter() - t0
@@ -334,11 +339,27 @@ def _runtime_env(opts: EmbedOptions) -> dict:
     return {"runtime_env": {"env_vars": dict(opts.env)}} if opts.env else {}
 
 
+def _actor_cpus(opts: EmbedOptions, cluster_cpus: float, say: Callable[[str], None]) -> float:
+    """CPUs reserved per actor, shrunk so that one CPU stays free for the decode tasks
+    (else they could never run: on a 2-CPU machine, ``--workers 2`` would hang)."""
+    want = opts.cpus_per_worker
+    if cluster_cpus and opts.workers * want > cluster_cpus - 1:
+        fit = max(cluster_cpus - 1, 0.5) / opts.workers
+        if fit < want:
+            say(
+                f"embed: {opts.workers} actor(s) x {want:g} CPU leave no CPU for decoding on "
+                f"this {cluster_cpus:g}-CPU cluster; reserving {fit:.2f} CPU per actor"
+            )
+            return fit
+    return want
+
+
 def _execute(
     opts: EmbedOptions,
     identity: ClipIdentity,
     todo: list[sources.Entry],
     known: frozenset[tuple[str, str, str]],
+    say: Callable[[str], None],
 ) -> Iterator[dict[str, int]]:
     """The Ray Data pipeline; yields the counts of each committed part as it lands."""
     import ray
@@ -367,7 +388,8 @@ def _execute(
         memory=DECODE_TASK_MEMORY,
         **env,
     )
-    threads = opts.threads_per_worker or max(1, math.floor(opts.cpus_per_worker))
+    cpus = _actor_cpus(opts, ray.cluster_resources().get("CPU", 0.0), say)
+    threads = opts.threads_per_worker or max(1, math.floor(cpus))
     ds = ds.map_batches(
         Embedder,
         compute=ray.data.ActorPoolStrategy(size=opts.workers),
@@ -379,18 +401,17 @@ def _execute(
             "threads": threads,
             "device": "cuda" if opts.gpus_per_worker > 0 else "cpu",
         },
-        num_cpus=opts.cpus_per_worker,
+        num_cpus=cpus,
         num_gpus=opts.gpus_per_worker or None,
         **env,
     )
     ds = ds.map_batches(
-        _commit,
+        table.commit_parts,
         batch_size=opts.rows_per_part or 4 * opts.batch_size,
         batch_format="pyarrow",
         fn_kwargs={
             "output": opts.output,
-            "identity": identity,
-            "with_image": opts.image_size > 0,
+            "schema": table_schema(identity.embed_dim, identity, with_image=opts.image_size > 0),
             "known": known,
         },
         num_cpus=0,  # light; must not wait for a CPU behind the decode tasks
@@ -400,7 +421,3 @@ def _execute(
         yield from batch.to_pylist()
     if opts.stats:
         print(ds.stats(), file=sys.stderr)
-
-
-def _commit(batch: pa.Table, **kwargs) -> pa.Table:
-    return pa.Table.from_pylist([table.commit_batch(batch, **kwargs)])

@@ -19,7 +19,6 @@ import hashlib
 import os
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -28,10 +27,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from unclip import fs
-from unclip.schema import errors_schema, errors_uri, parquet_files, table_schema
-
-if TYPE_CHECKING:
-    from unclip.clip import ClipIdentity
+from unclip.schema import errors_schema, errors_uri, parquet_files
 
 TMP_PREFIX = "_tmp-"
 WARNING_PREFIX = "warning: "
@@ -144,18 +140,17 @@ def problems_table(rows: Sequence[tuple[str, str, str, str]]) -> pa.Table:
 def commit_batch(
     batch: pa.Table,
     output: str,
-    identity: ClipIdentity,
-    with_image: bool,
+    schema: pa.Schema,
     known: frozenset[tuple[str, str, str]] = frozenset(),
 ) -> dict[str, int]:
     """Commit one embedded batch: its problems to the errors table, then its good rows.
 
     ``batch`` holds the embedder's output columns (the schema-v1 columns plus ``stage``,
-    ``error`` and ``warning``). Problems already recorded (``known``) are not written
-    again. Returns counts: rows, failed, failed_known, warnings, parts.
+    ``error`` and ``warning``); ``schema`` is the table's (``unclip.schema.table_schema``
+    with the CLIP metadata). Problems already recorded (``known``) are not written again.
+    Returns counts: rows, failed, failed_known, warnings, parts.
     """
     stage = batch.column("stage")
-    bad = pc.is_valid(stage)
     problems = []
     failed = failed_known = warnings = 0
     for i, s, e, w, src in zip(
@@ -180,9 +175,8 @@ def commit_batch(
     if problems:
         write_part(problems_table(problems), errors_uri(output), [repr(p) for p in problems])
         parts += 1
-    good = batch.filter(pc.invert(bad))
+    good = batch.filter(pc.is_null(stage))
     if good.num_rows:
-        schema = table_schema(identity.embed_dim, identity, with_image=with_image)
         write_part(good.select(schema.names).cast(schema), output, good.column("id").to_pylist())
         parts += 1
     return {
@@ -192,3 +186,8 @@ def commit_batch(
         "warnings": warnings,
         "parts": parts,
     }
+
+
+def commit_parts(batch: pa.Table, **kwargs) -> pa.Table:
+    """The commit stage of the ETL: ``commit_batch`` with its counts as a one-row table."""
+    return pa.Table.from_pylist([commit_batch(batch, **kwargs)])

@@ -218,7 +218,11 @@ def test_webdataset_shards_and_parquet_inputs(tmp_path, ray_session) -> None:
         row_group_size=1,
     )
     out = str(tmp_path / "out_pq")
-    s = run_embed(opts(str(pqdir), out, str(tmp_path / "clip"), image_size=0))
+    lines: list[str] = []  # two actors on 2 CPUs: their reservation shrinks to fit
+    s = run_embed(
+        opts(str(pqdir), out, str(tmp_path / "clip"), image_size=0, workers=2), lines.append
+    )
+    assert any("reserving 0.50 CPU per actor" in line for line in lines)
     rows = read_rows(out)
     assert s.embedded == 5 and {"b0", "b1"} <= set(rows) and "image" not in rows["b0"]
     assert rows["b1"]["caption"] == "blue"
@@ -226,7 +230,7 @@ def test_webdataset_shards_and_parquet_inputs(tmp_path, ray_session) -> None:
 
 
 # ---------------------------------------------------------------------------- S3
-def test_s3_folder_and_shards_in_s3_table_out(tmp_path, s3_bucket, ray_session) -> None:
+def test_s3_folder_in_s3_table_out_and_incremental(tmp_path, s3_bucket, ray_session) -> None:
     clip = save_tiny_clip(f"{s3_bucket}/clip")
     local = tmp_path / "in"
     write_good_folder(str(local), 12)
@@ -245,15 +249,19 @@ def test_s3_folder_and_shards_in_s3_table_out(tmp_path, s3_bucket, ray_session) 
     assert [r["stage"] for r in read_errors(out)] == ["decode"]
     assert expected["truncated"] == "decode"
 
-    # an incremental re-run on S3 writes nothing; shards on S3 read with ranged GETs
+    # an incremental re-run on S3 writes nothing new
     before = files_of(out)
     assert run_embed(o).embedded == 0 and files_of(out) == before
-    write_tar(
-        str(tmp_path / "a.tar"), [(f"{i:03d}", colour_jpeg(i), f"c{i}", None) for i in range(5)]
-    )
+
+
+@pytest.mark.slow
+def test_s3_webdataset_shards_read_with_ranged_gets(tmp_path, s3_bucket, ray_session) -> None:
+    save_tiny_clip(f"{s3_bucket}/clip")
+    samples = [(f"{i:03d}", colour_jpeg(i), f"c{i}", None) for i in range(5)]
+    write_tar(str(tmp_path / "a.tar"), samples)
     fs.write_bytes(f"{s3_bucket}/shards/a.tar", (tmp_path / "a.tar").read_bytes())
-    o2 = opts(f"{s3_bucket}/shards", f"{s3_bucket}/t2", f"{s3_bucket}/clip", env=aws_env())
-    assert run_embed(o2).embedded == 5
+    o = opts(f"{s3_bucket}/shards", f"{s3_bucket}/t2", f"{s3_bucket}/clip", env=aws_env())
+    assert run_embed(o).embedded == 5
     assert set(read_rows(f"{s3_bucket}/t2")) == {f"{i:03d}" for i in range(5)}
 
 
@@ -308,6 +316,23 @@ def test_cli_fails_loudly_above_the_error_fraction(tmp_path) -> None:
     assert len(read_rows(str(tmp_path / "out"))) == 10 and read_errors(str(tmp_path / "out"))
 
 
+def ray_pids() -> set[int]:
+    """Ray processes (GCS, raylet, workers) started from this worktree's code."""
+    mark = f"PYTHONPATH={os.getcwd()}".encode()
+    pids = set()
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if (b"ray" in cmd) and mark in env:
+            pids.add(int(name))
+    return pids
+
+
 @pytest.mark.slow
 def test_sigkill_half_way_then_rerun_gives_every_row_exactly_once(tmp_path) -> None:
     save_tiny_clip(str(tmp_path / "clip"))
@@ -323,6 +348,7 @@ def test_sigkill_half_way_then_rerun_gives_every_row_exactly_once(tmp_path) -> N
         "--batch-size",
         "16",
     )
+    before = ray_pids()
     proc = subprocess.Popen(
         args,
         env=cli_env(),
@@ -342,11 +368,17 @@ def test_sigkill_half_way_then_rerun_gives_every_row_exactly_once(tmp_path) -> N
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    # Ray's workers have process groups of their own: they exit when their raylet is gone,
+    # and one may still commit the part it was writing (whole) before it notices
+    deadline = time.monotonic() + 60
+    while ray_pids() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not ray_pids() - before, "processes of the killed run are left"
     done = read_rows(str(out))  # committed parts only, none partial, no duplicate
     assert 0 < len(done) < len(ids)
     rerun = subprocess.run(args, capture_output=True, text=True, env=cli_env(), timeout=600)
     assert rerun.returncode == 0, rerun.stderr
-    assert f"skipped {len(done)} already in the table" in rerun.stdout
+    assert f"embedded {len(ids) - len(done)} rows, skipped {len(done)} already" in rerun.stdout
     final = read_rows(str(out))  # raises on any duplicate id
     assert set(final) == ids
     assert not [n for n in os.listdir(out) if n.startswith("_tmp-")]

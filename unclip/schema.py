@@ -9,12 +9,15 @@ sibling errors table ``<table>_errors`` (id, source, stage, error).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from unclip import fs
-from unclip.clip import ClipIdentity
+
+if TYPE_CHECKING:  # readers of a table need no torch (the ETL's writer tasks don't load it)
+    from unclip.clip import ClipIdentity
 
 SCHEMA_VERSION = "1"
 META_VERSION = b"unclip.schema_version"
