@@ -23,8 +23,9 @@ from training.data import StageColumns, heldout_mask, prepare_batch, table_clip
 from training.harness import lr_at
 from training.presets import TrainConfig, load_config_file, preset, resolve
 from unclip.checkpoint import load_stage, load_stage_config, load_train_state
-from unclip.cli import UserError, main
+from unclip.cli import main
 from unclip.config import ConfigError, OptimConfig
+from unclip.errors import UserError
 from unclip.models import build_model, count_parameters
 from unclip.schema import DataError, read_table_info
 

@@ -27,7 +27,7 @@ from tests.tiny import save_tiny_clip
 from training.cli import execute, latest_checkpoint, plan
 from unclip import fs
 from unclip.checkpoint import load_stage, load_train_state
-from unclip.cli import UserError
+from unclip.errors import UserError
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -41,8 +41,8 @@ from training.presets import (
 )
 from training.stages import stage_for
 from unclip import fs
-from unclip.cli import UserError
 from unclip.config import ClipRef, PriorConfig, StageConfig, UpsamplerConfig, to_dict
+from unclip.errors import UserError
 from unclip.schema import DataError, TableInfo, check_clip, read_table_info
 
 RUN_SUFFIX = ".run"
@@ -348,7 +348,7 @@ def _worker_resources(job: TrainJob) -> dict[str, float] | None:
     if job.run.cpus_per_worker > 0:
         return {"CPU": job.run.cpus_per_worker}
     if job.gpu:
-        return {"CPU": 1.0, "GPU": 1.0}
+        return {"CPU": 1.0}  # plus the GPU that use_gpu=True gives each worker
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 1.0))

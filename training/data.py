@@ -1,8 +1,8 @@
 """Reading the embedding table (schema v1) for training, with Ray Data.
 
 Each stage reads only the columns it needs (the prior never reads image bytes). Rows are
-split into train and held-out by a stable hash of their ``id`` (the same row is held out in
-every run, on every machine, whatever the file layout). A batch becomes plain arrays:
+split into train and held-out by a stable hash of their ``id`` (``unclip.split``, the rule
+the evaluation job uses too: the same row is held out in every run, whatever the layout). A batch becomes plain arrays:
 
     text_emb     (B, D) float32       image_emb (B, D) float32
     text_tokens  (B, L) int32, zero-padded to the CLIP context length
@@ -11,7 +11,6 @@ every run, on every machine, whatever the file layout). A batch becomes plain ar
 
 from __future__ import annotations
 
-import hashlib
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from PIL import Image
 from unclip import fs
 from unclip.config import ClipRef
 from unclip.schema import META_CONTEXT, META_TEXT_WIDTH, DataError, TableInfo
+from unclip.split import HELDOUT_FRACTION, heldout_score
 
 if TYPE_CHECKING:
     import ray.data
@@ -42,14 +42,8 @@ class StageColumns:
 
 
 # ---------------------------------------------------------------------- held-out split
-def heldout_score(row_id: str) -> float:
-    """A stable number in [0, 1) for a row id (blake2b of the UTF-8 id)."""
-    digest = hashlib.blake2b(row_id.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64
-
-
-def heldout_mask(ids: Sequence[str], fraction: float) -> np.ndarray:
-    """(N,) bool: True for held-out rows (score below ``fraction``)."""
+def heldout_mask(ids: Sequence[str], fraction: float = HELDOUT_FRACTION) -> np.ndarray:
+    """(N,) bool: True for held-out rows (``unclip.split``: the project's one split rule)."""
     return np.fromiter((heldout_score(i) < fraction for i in ids), dtype=bool, count=len(ids))
 
 

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.presets import TrainConfig, train_config_from_dict, train_config_to_dict
+from training.presets import Amp, TrainConfig, train_config_from_dict, train_config_to_dict
 from training.stages import Batch, Stage, stage_for
 from unclip import fs
 from unclip.checkpoint import load_train_state, save_stage
@@ -223,6 +223,87 @@ def load_clip(stage: Stage, device: torch.device) -> Clip:
     return clip
 
 
+# ---------------------------------------------------------------------- one step
+def new_state(
+    cfg: StageConfig, device: torch.device | str = "cpu", amp: Amp = "none"
+) -> TrainState:
+    """A freshly initialised model with its AdamW optimiser, EMA and (fp16) grad scaler."""
+    model = build_model(cfg).to(device)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay
+    )
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    return TrainState(model, optimizer, EMA(model, o.ema_decay, o.ema_warmup), scaler)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: torch.Tensor  # detached scalar
+    grad_norm: torch.Tensor  # before clipping
+    finite: bool  # False: nothing was updated
+
+
+class Stepper:
+    """One optimiser step of a stage: loss, backward, clipping, NaN guard, update, EMA.
+
+    ``model`` is what the loss is computed with (the DDP wrapper in Ray Train, the bare
+    model elsewhere); ``state.model`` is the bare model the EMA tracks. With ``check_loss``
+    False (several workers) only the gradient norm decides finiteness: after DDP's
+    all-reduce it is the same on every rank, so every rank stops at the same step.
+    """
+
+    def __init__(
+        self,
+        stage: Stage,
+        model: nn.Module,
+        state: TrainState,
+        clip: Clip | None = None,
+        amp: Amp = "none",
+        check_loss: bool = True,
+    ) -> None:
+        self.stage, self.model, self.state, self.clip = stage, model, state, clip
+        self.check_loss = check_loss
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+            if amp != "none"
+            else nullcontext()
+        )
+        self.params = [p for p in state.model.parameters() if p.requires_grad]
+        clip_norm = stage.config.optim.grad_clip
+        self.clip_norm = clip_norm if clip_norm > 0 else float("inf")
+
+    def __call__(self, batch: Batch, lr: float, poison: bool = False) -> StepResult:
+        state, opt, scaler = self.state, self.state.optimizer, self.state.scaler
+        for group in opt.param_groups:
+            group["lr"] = lr
+        text = self.stage.text_cond(batch, self.clip)
+        with self.autocast:
+            loss = self.stage.loss(self.model, batch, text)
+        if poison:  # test hook (TrainConfig.debug_nan_at_step)
+            loss = loss * float("nan")
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:  # fp16: the scaler skips inf/NaN steps and lowers its scale
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+        finite = bool(torch.isfinite(grad_norm))
+        if self.check_loss:
+            finite = finite and bool(torch.isfinite(loss))
+        if scaler is None and not finite:
+            return StepResult(loss.detach(), grad_norm, False)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        state.ema.update(state.model)
+        state.step += 1
+        return StepResult(loss.detach(), grad_norm, True)
+
+
 # ---------------------------------------------------------------------- the loop
 def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     """``train_loop_per_worker`` of the TorchTrainer (see the module docstring).
@@ -245,14 +326,9 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     # model, optimiser, EMA; restored from the latest checkpoint if Ray hands one over
     torch.manual_seed(_seed(run.seed, rank, 0))
-    model = build_model(cfg).to(device)
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay
-    )
     amp = run.amp if device.type == "cuda" else "none"
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    state = TrainState(model, optimizer, EMA(model, o.ema_decay, o.ema_warmup), scaler)
+    state = new_state(cfg, device, amp)
+    model = state.model
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -282,52 +358,21 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     if start >= run.steps:
         return {"step": start}  # nothing left to do: the latest checkpoint is the final one
 
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-        if amp != "none"
-        else nullcontext()
-    )
+    stepper = Stepper(stage, ddp, state, clip, amp, check_loss=world == 1)
     batches = endless_batches(ray.train.get_dataset_shard("train"), run, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    clip_norm = o.grad_clip if o.grad_clip > 0 else float("inf")
     window = LossWindow()
     t0, last_ckpt = time.perf_counter(), start
     model.train()
     while state.step < run.steps:
         step = state.step + 1
-        lr = lr_at(step, o, run.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = next(batches)
-        text = stage.text_cond(batch, clip)
-        with autocast:
-            loss = stage.loss(ddp, batch, text)
-        if step == run.debug_nan_at_step and rank == 0:
-            loss = loss * float("nan")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        # After DDP's all-reduce every rank holds the same gradients, hence the same norm:
-        # a NaN/inf loss on any rank stops every rank at the same step, before the update.
-        # (With fp16 the GradScaler skips such steps itself and lowers its scale.)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
-        finite = bool(torch.isfinite(grad_norm)) and (world > 1 or bool(torch.isfinite(loss)))
-        if scaler is None and not finite:
-            msg = _diverged(cfg.stage, step, loss, grad_norm, last_ckpt)
+        lr = lr_at(step, cfg.optim, run.steps)
+        out = stepper(next(batches), lr, poison=step == run.debug_nan_at_step and rank == 0)
+        if not out.finite:
+            msg = _diverged(cfg.stage, step, out.loss, out.grad_norm, last_ckpt)
             if rank == 0:
                 say(f"[{cfg.stage}] {msg}")
             return {"step": state.step, "diverged": msg}
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        state.ema.update(model)
-        state.step = step
-        window.add(loss.detach())
+        window.add(out.loss)
 
         time_up = _time_up(run, t0, step, world)
         final = step == run.steps or time_up
@@ -337,7 +382,8 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             metrics.update(window.take())
             say(
                 f"[{cfg.stage}] step {step}/{run.steps} loss {metrics['loss']:.4f} "
-                f"lr {lr:.2e} grad {float(grad_norm):.3f} {metrics['sec_per_step']:.3f} s/step"
+                f"lr {lr:.2e} grad {float(out.grad_norm):.3f} "
+                f"{metrics['sec_per_step']:.3f} s/step"
             )
             if step % run.eval_every == 0 or final:
                 metrics.update(_evaluate(stage, state, eval_model, heldout, eval_clip, run, log))
@@ -435,7 +481,7 @@ def _diverged(
     stage: str, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, last_ckpt: int
 ) -> str:
     return (
-        f"the {stage} loss diverged at step {step} (loss {float(loss.detach())}, gradient "
+        f"the {stage} loss diverged at step {step} (loss {float(loss)}, gradient "
         f"norm {float(grad_norm)}); the weights were not updated and no checkpoint was "
         f"written after step {last_ckpt}. Lower optim.lr, raise optim.warmup_steps or check "
         "the data for NaN/inf values"

@@ -42,6 +42,7 @@ from unclip.config import (
     merge,
     to_dict,
 )
+from unclip.split import HELDOUT_FRACTION
 
 STAGES = ("prior", "decoder", "upsampler")
 PRESETS = ("quick", "full")
@@ -59,7 +60,7 @@ class TrainConfig:
     log_every: int = 50  # steps between printed loss lines
     keep_checkpoints: int = 2  # CheckpointConfig(num_to_keep)
     max_failures: int = 3  # FailureConfig(max_failures): worker losses survived per run
-    heldout_fraction: float = 0.02  # rows whose id hashes below this are held out
+    heldout_fraction: float = HELDOUT_FRACTION  # as `unclip eval`; raise only for tiny tables
     eval_rows: int = 256  # held-out rows used by an evaluation (prior cosine)
     eval_images: int = 8  # images in a sample grid (decoder / upsampler)
     shuffle_buffer: int = 2048  # rows in the local shuffle buffer of each worker

@@ -14,7 +14,6 @@ batch becomes the stage model's loss inputs, and its evaluation on held-out rows
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 from training.data import StageColumns
 from unclip.clip import Clip
 from unclip.conditioning import TextCond
-from unclip.config import DecoderConfig, PriorConfig, StageConfig, UpsamplerConfig
+from unclip.config import ClipRef, DecoderConfig, PriorConfig, StageConfig, UpsamplerConfig
 from unclip.decoder import Decoder
 from unclip.degrade import resize
 from unclip.pipeline import grid, to_uint8
@@ -71,8 +70,8 @@ class Stage:
         return getattr(self.config.net, "text_width", 0)
 
     @property
-    def clip_ref(self):  # noqa: ANN201 - ClipRef or None
-        return getattr(self.config, "clip", None)
+    def clip_ref(self) -> ClipRef:
+        return self.config.clip  # type: ignore[union-attr] - the upsampler never asks
 
     def columns(self) -> StageColumns:
         raise NotImplementedError
@@ -202,7 +201,3 @@ def stage_for(config: StageConfig) -> Stage:
     if isinstance(config, UpsamplerConfig):
         return UpsamplerStage(config)
     raise TypeError(f"not a trainable stage config: {type(config).__name__}")
-
-
-def grid_columns(n: int) -> int:
-    return max(1, math.ceil(math.sqrt(n)))
