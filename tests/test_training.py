@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -20,8 +21,9 @@ from tests.tables import png, write_table
 from tests.tiny import save_tiny_clip
 from training.cli import bind_to_table, execute, latest_checkpoint, plan, run_location
 from training.data import StageColumns, heldout_mask, prepare_batch, table_clip
-from training.harness import lr_at
+from training.harness import Stepper, lr_at, new_state
 from training.presets import TrainConfig, load_config_file, preset, resolve
+from training.stages import stage_for
 from unclip.checkpoint import load_stage, load_stage_config, load_train_state
 from unclip.cli import main
 from unclip.config import ConfigError, OptimConfig
@@ -157,7 +159,6 @@ def test_prepare_batch_decodes_and_projects(data) -> None:
 
 def test_prior_never_reads_image_bytes(data, ray_session) -> None:
     from training.data import read_split
-    from training.stages import stage_for
 
     cfg = plan("prior", data["table"], str(data["root"] / "p-cols"), overrides=tiny("prior")).stage
     cols = stage_for(cfg).columns()
@@ -271,17 +272,23 @@ def test_nan_loss_stops_with_a_clear_message(data, ray_session, tmp_path) -> Non
     ):
         execute(job)
     assert not (tmp_path / "p").exists()
-    # NaN in the data itself is caught the same way
-    write_table(str(tmp_path / "nan_table"), data["clip"], n=48, nan_rows=48)
-    job = plan(
-        "prior",
-        str(tmp_path / "nan_table"),
-        str(tmp_path / "p2"),
-        overrides=tiny("prior"),
-        workers=0,
-    )
-    with pytest.raises(UserError, match="diverged at step 1"):
-        execute(job)
+
+
+def test_stepper_refuses_nan_data_without_touching_the_weights(data) -> None:
+    cfg = plan("prior", data["table"], "/nonexistent/p", overrides=tiny("prior")).stage
+    cfg = replace(cfg, net=replace(cfg.net, text_width=0))
+    state = new_state(cfg)
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    stepper = Stepper(stage_for(cfg), state.model, state)
+    emb = torch.nn.functional.normalize(torch.randn(8, 32), dim=-1)
+    bad = {
+        "text_emb": emb,
+        "image_emb": emb.clone().index_fill_(0, torch.tensor([3]), float("nan")),
+    }
+    out = stepper(bad, lr=1e-3)
+    assert not out.finite and state.step == 0 and state.ema.updates == 0
+    assert all(torch.equal(v, before[k]) for k, v in state.model.state_dict().items())
+    assert stepper({"text_emb": emb, "image_emb": emb}, lr=1e-3).finite and state.step == 1
 
 
 def test_cli_trains_and_reports_user_errors(data, ray_session, tmp_path, capsys) -> None:

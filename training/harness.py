@@ -51,6 +51,7 @@ from unclip.pipeline import png_bytes
 from unclip.schema import DataError
 
 TRAIN_CONFIG = "train_config.json"
+MIN_LOSS_SCALE = 2.0**-14  # fp16: a GradScaler halved this far means a diverged loss
 METRICS = "metrics.jsonl"
 SAMPLES = "samples"
 
@@ -289,15 +290,17 @@ class Stepper:
         else:
             loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
-        finite = bool(torch.isfinite(grad_norm))
-        if self.check_loss:
-            finite = finite and bool(torch.isfinite(loss))
-        if scaler is None and not finite:
-            return StepResult(loss.detach(), grad_norm, False)
         if scaler is not None:
-            scaler.step(opt)
+            scaler.step(opt)  # skipped by the scaler itself if the gradients are not finite
             scaler.update()
+            if scaler.get_scale() < MIN_LOSS_SCALE:  # fp16 never recovered: diverged
+                return StepResult(loss.detach(), grad_norm, False)
         else:
+            finite = bool(torch.isfinite(grad_norm))
+            if self.check_loss:
+                finite = finite and bool(torch.isfinite(loss))
+            if not finite:
+                return StepResult(loss.detach(), grad_norm, False)
             opt.step()
         state.ema.update(state.model)
         state.step += 1

@@ -119,7 +119,9 @@ def _decoder(gpu: bool) -> DecoderConfig:
     )
     return DecoderConfig(
         net=net,
-        diffusion=DiffusionConfig(prediction="eps", loss_weighting="none"),
+        # v-prediction + min-SNR weighting: on shapes it learns colour ~2.5x faster than
+        # eps + plain MSE at equal steps (oracle colour 0.73 vs 0.30 at 900 steps)
+        diffusion=DiffusionConfig(prediction="v", loss_weighting="min_snr"),
         optim=OptimConfig(lr=1e-3, warmup_steps=100, lr_schedule="constant"),
     )
 
