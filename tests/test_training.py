@@ -214,30 +214,6 @@ def test_run_location_and_existing_runs(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------------- the loop (local mode)
-def test_prior_trains_and_writes_the_design_checkpoint(data, ray_session, tmp_path) -> None:
-    out = str(tmp_path / "prior")
-    job = plan("prior", data["table"], out, overrides=tiny("prior"), workers=0)
-    outcome = execute(job)
-    assert outcome.step == 8
-    # the DESIGN.md stage checkpoint: config + EMA safetensors + resumable train state
-    cfg = load_stage_config(out)
-    assert cfg == job.stage and cfg.clip.fingerprint == data["clip"].identity.fingerprint
-    model = load_stage(out)
-    state = load_train_state(out)  # weights_only=True inside
-    assert state["step"] == 8 and state["ema_updates"] == 8
-    assert set(state) >= {"model", "optimizer", "ema", "rng"}
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, state["ema"][k])  # model.safetensors holds the EMA weights
-    assert any(not torch.equal(state["model"][k], state["ema"][k]) for k in state["ema"])
-    assert json.loads((tmp_path / "prior" / "train_config.json").read_text())["steps"] == 8
-    records = [json.loads(x) for x in (tmp_path / "prior.run" / "metrics.jsonl").open()]
-    assert [r["step"] for r in records] == [2, 4, 6, 8]
-    evals = [r for r in records if "heldout_cos" in r]
-    assert [r["step"] for r in evals] == [4, 8]
-    assert all(math.isfinite(r["loss"]) and -1 <= r["baseline_cos"] <= 1 for r in evals)
-    assert outcome.metrics["heldout_rows"] > 0
-
-
 def test_decoder_with_text_states_writes_sample_grids(data, ray_session, tmp_path) -> None:
     over = tiny("decoder")
     over["net"]["text_width"] = 32  # conditions on CLIP token states computed in the loop
@@ -291,13 +267,34 @@ def test_stepper_refuses_nan_data_without_touching_the_weights(data) -> None:
     assert stepper({"text_emb": emb, "image_emb": emb}, lr=1e-3).finite and state.step == 1
 
 
-def test_cli_trains_and_reports_user_errors(data, ray_session, tmp_path, capsys) -> None:
+def test_cli_trains_the_prior_into_the_design_checkpoint(data, ray_session, tmp_path, capsys):
     cfg = tmp_path / "prior.yaml"
-    cfg.write_text(json.dumps(tiny("prior", steps=4)))
+    cfg.write_text(json.dumps(tiny("prior")))
     out = str(tmp_path / "prior")
     args = ["train", "prior", "--data", data["table"], "--out", out, "--config", str(cfg)]
     assert main([*args, "--workers", "0"]) == 0
-    assert load_train_state(out)["step"] == 4
+    assert "final checkpoint (step 8) written to" in capsys.readouterr().out
+
+    # the DESIGN.md stage checkpoint: config + EMA safetensors + resumable train state
+    config = load_stage_config(out)
+    assert config.clip == table_clip(read_table_info(data["table"]))
+    assert config.net.embed_dim == 32 and config.net.width == 32  # table dims, file sizes
+    model = load_stage(out)
+    state = load_train_state(out)  # weights_only=True inside
+    assert state["step"] == 8 and state["ema_updates"] == 8
+    assert set(state) >= {"model", "optimizer", "ema", "rng"}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state["ema"][k])  # model.safetensors holds the EMA weights
+    assert any(not torch.equal(state["model"][k], state["ema"][k]) for k in state["ema"])
+    assert json.loads((tmp_path / "prior" / "train_config.json").read_text())["steps"] == 8
+    records = [json.loads(x) for x in (tmp_path / "prior.run" / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8]
+    evals = [r for r in records if "heldout_cos" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert all(math.isfinite(r["loss"]) and -1 <= r["baseline_cos"] <= 1 for r in evals)
+    assert evals[-1]["heldout_rows"] > 0
+
+    # user errors: one line on stderr, exit 1
     assert main([*args, "--workers", "0"]) == 1  # refuses to overwrite a checkpoint
     assert "already holds a stage checkpoint" in capsys.readouterr().err
     args[5] = str(tmp_path / "other")
