@@ -152,6 +152,10 @@ def test_prepare_batch_decodes_and_projects(data) -> None:
     assert sorted(both["text_tokens"][:, 0].tolist()) == [5, 8]
     assert both["text_emb"].shape == (2, 4) and both["text_emb"].dtype == np.float32
 
+    empty = prepare_batch(table, spec, "heldout", 0.0)  # no row held out: an empty block
+    assert empty.num_rows == 0 and set(empty.column_names) == set(spec.columns)
+    assert "Tensor" in str(empty.schema.field("image").type)  # not pickled objects
+
     broken = table.set_column(1, "image", pa.array([b"not a png", png(image)]))
     with pytest.raises(DataError, match="row 'a'.*do not decode"):
         prepare_batch(broken, StageColumns(("image",), image_size=16), "train", 0.0)
@@ -193,7 +197,7 @@ def test_refuses_a_table_from_another_clip(data, tmp_path) -> None:
 
 def test_preset_dimensions_adapt_to_the_table(data) -> None:
     info = read_table_info(data["table"])
-    prior, _ = preset("prior")
+    prior, _ = preset("prior", "full")  # reads text tokens
     bound = bind_to_table(prior, info, explicit=set())
     ident = data["clip"].identity
     assert bound.net.embed_dim == ident.embed_dim == 32

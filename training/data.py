@@ -94,10 +94,12 @@ def _tokens(table: pa.Table, length: int) -> np.ndarray:
 
 def prepare_batch(
     table: pa.Table, spec: StageColumns, split: Split, fraction: float
-) -> dict[str, np.ndarray]:
+) -> dict[str, np.ndarray] | pa.Table:
     """One Arrow batch of the table -> the arrays of one split (see the module docstring)."""
     held = heldout_mask(table.column("id").to_pylist(), fraction)
     table = table.filter(pa.array(held if split == "heldout" else ~held))
+    if table.num_rows == 0:
+        return _empty_block(table, spec)
     out: dict[str, np.ndarray] = {}
     for name in spec.columns:
         if name in ("text_emb", "image_emb"):
@@ -120,6 +122,27 @@ def prepare_batch(
         else:
             raise ValueError(f"unknown column {name!r}")
     return out
+
+
+def _empty_block(table: pa.Table, spec: StageColumns) -> pa.Table:
+    """A zero-row block with the schema of non-empty ones (Ray Data would store empty
+    (0, D) arrays as pickled objects, not as tensors, and mix block types)."""
+    from ray.data.block import BlockAccessor
+
+    dim = {
+        name: table.schema.field(name).type.list_size
+        for name in ("text_emb", "image_emb")
+        if name in spec.columns
+    }
+    one = {}
+    for name in spec.columns:
+        if name in dim:
+            one[name] = np.zeros((1, dim[name]), np.float32)
+        elif name == "text_tokens":
+            one[name] = np.zeros((1, spec.context_length), np.int32)
+        else:
+            one[name] = np.zeros((1, 3, spec.image_size, spec.image_size), np.uint8)
+    return BlockAccessor.batch_to_block(one).slice(0, 0)
 
 
 def read_split(
