@@ -1,0 +1,156 @@
+"""Training throughput: Ray Train vs the same step in a plain process, 1 vs 2 workers.
+
+    PYTHONPATH=. python bench/bench_train.py [--stages decoder,prior] [--rows 2048]
+
+For each stage at its quick-preset size (CPU), on a synthetic table embedded with a random
+CLIP of the embedded default's shape (embed 128, text width 128, context 32):
+
+    plain   ``training.harness.Stepper`` on in-memory batches in this process (2 threads):
+            the same step code as the Ray loop, without Ray, Ray Data or DDP
+    ray x1  ``unclip train``'s path (plan + execute): TorchTrainer, 1 worker, 2 threads,
+            data streamed from the Parquet table through Ray Data
+    ray x2  2 workers (DDP over gloo), 1 thread each, the same per-worker batch
+
+Seconds per step are measured in windows of ``--window`` steps (the Ray loop's own
+``metrics.jsonl`` windows, skipping the first, which holds the start-up); the script prints
+median window times, steps/s, samples/s and the ratios ray x1 / plain and ray x2 / ray x1.
+Check ``uptime`` first: other processes on the machine distort the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import open_clip
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.tables import write_table  # noqa: E402
+from training.cli import execute, plan  # noqa: E402
+from training.data import prepare_batch  # noqa: E402
+from training.harness import Stepper, lr_at, new_state  # noqa: E402
+from training.stages import stage_for  # noqa: E402
+from unclip.clip import Clip, save_clip_checkpoint  # noqa: E402
+from unclip.schema import read_table_info  # noqa: E402
+
+# the embedded default's CLIP shape (DESIGN.md "Compute budget"), randomly initialised
+BENCH_CLIP = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 64, "layers": 3, "width": 128, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
+}
+STEPS = {"decoder": 70, "prior": 240, "upsampler": 70}
+
+
+def make_table(root: str, rows: int) -> str:
+    torch.manual_seed(0)
+    save_clip_checkpoint(f"{root}/clip", open_clip.model.CLIP(**BENCH_CLIP), BENCH_CLIP)
+    write_table(f"{root}/table", Clip.load(f"{root}/clip"), n=rows, image_size=64, files=4)
+    return f"{root}/table"
+
+
+def run_options(stage: str, window: int, **extra) -> dict:
+    steps = STEPS[stage]
+    return {
+        "train": {
+            "steps": steps,
+            "log_every": window,
+            "eval_every": steps,  # evaluate and checkpoint only at the end: clean windows
+            "checkpoint_every": steps,
+            "time_limit_minutes": 0,
+            **extra,
+        }
+    }
+
+
+def plain(stage: str, table: str, window: int) -> list[float]:
+    """Window times (s/step) of the Stepper on in-memory batches, no Ray."""
+    job = plan(stage, table, tempfile.mkdtemp() + "/x", overrides=run_options(stage, window))
+    cfg, run = job.stage, job.run
+    spec = stage_for(cfg)
+    arrays = [
+        prepare_batch(pq.read_table(f), spec.columns(), "train", run.heldout_fraction)
+        for f in read_table_info(table).files
+    ]
+    data = {k: torch.cat([torch.from_numpy(a[k]) for a in arrays]) for k in arrays[0]}
+    n = len(next(iter(data.values())))
+    clip = Clip.load(cfg.clip.model) if spec.needs_clip() else None
+    torch.set_num_threads(2)
+    state = new_state(cfg)
+    stepper = Stepper(spec, state.model, state, clip)
+    g = torch.Generator().manual_seed(0)
+    times, t = [], time.perf_counter()
+    for step in range(1, run.steps + 1):
+        idx = torch.randint(0, n, (run.batch_size,), generator=g)
+        stepper({k: v[idx] for k, v in data.items()}, lr_at(step, cfg.optim, run.steps))
+        if step % window == 0:
+            now = time.perf_counter()
+            times.append((now - t) / window)
+            t = now
+    return times[1:]
+
+
+def ray_train(stage: str, table: str, window: int, workers: int) -> tuple[list[float], int]:
+    """Window times (s/step) of a real Ray Train run with ``workers`` workers."""
+    extra = {"threads": 2 // workers, "cpus_per_worker": 1.0 / workers}
+    root = tempfile.mkdtemp()
+    job = plan(
+        stage, table, f"{root}/{stage}", overrides=run_options(stage, window, **extra),
+        workers=workers,
+    )  # fmt: skip
+    execute(job)
+    with open(f"{root}/{stage}.run/metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    times = [r["sec_per_step"] for r in records if "sec_per_step" in r]
+    return times[1:-1], job.run.batch_size  # the last window holds the evaluation
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stages", default="decoder,prior")
+    p.add_argument("--rows", type=int, default=2048)
+    p.add_argument("--window", type=int, default=10)
+    args = p.parse_args()
+    import ray
+
+    print(f"load average before: {os.getloadavg()}", flush=True)
+    root = tempfile.mkdtemp(prefix="bench-train-")
+    table = make_table(root, args.rows)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rows = []
+    for stage in args.stages.split(","):
+        base = statistics.median(plain(stage, table, args.window))
+        one, batch = ray_train(stage, table, args.window, 1)
+        two, _ = ray_train(stage, table, args.window, 2)
+        r1, r2 = statistics.median(one), statistics.median(two)
+        rows.append((stage, batch, base, r1, r2))
+        print(
+            f"{stage}: plain {base:.3f} s/step | ray x1 {r1:.3f} s/step "
+            f"(windows {', '.join(f'{x:.3f}' for x in one)}) | ray x2 {r2:.3f} s/step",
+            flush=True,
+        )
+    print(f"\nload average after: {os.getloadavg()}")
+    print(
+        f"{'stage':<10}{'batch':>6}{'plain s/step':>14}{'ray x1':>9}{'ray x2':>9}"
+        f"{'x1/plain':>10}{'x2/x1 samples/s':>17}"
+    )
+    for stage, batch, base, r1, r2 in rows:
+        # ratios of throughput: > 1 means faster than the reference
+        print(
+            f"{stage:<10}{batch:>6}{base:>14.3f}{r1:>9.3f}{r2:>9.3f}"
+            f"{base / r1:>10.2f}{(2 * batch / r2) / (batch / r1):>17.2f}"
+        )
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

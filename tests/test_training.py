@@ -1,0 +1,312 @@
+"""Ray Train stages (prior, decoder, upsampler): configs, data, the shared loop, the CLI.
+
+The loop tests run Ray Train in local mode (``--workers 0``: the loop in this process, data
+from a real Ray Data pipeline over a real Parquet table). Real multi-worker runs, faults and
+S3 checkpoints are in ``test_training_faults.py`` (slow).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from tests.tables import png, write_table
+from tests.tiny import save_tiny_clip
+from training.cli import bind_to_table, execute, latest_checkpoint, plan, run_location
+from training.data import StageColumns, heldout_mask, prepare_batch, table_clip
+from training.harness import Stepper, lr_at, new_state
+from training.presets import TrainConfig, load_config_file, preset, resolve
+from training.stages import stage_for
+from unclip.checkpoint import load_stage, load_stage_config, load_train_state
+from unclip.cli import main
+from unclip.config import ConfigError, OptimConfig
+from unclip.errors import UserError
+from unclip.models import build_model, count_parameters
+from unclip.schema import DataError, read_table_info
+
+TINY = {
+    "prior": {"net": {"width": 32, "layers": 1, "heads": 2}, "sample_steps": 4},
+    "decoder": {
+        "net": {
+            "image_size": 16,
+            "base_channels": 16,
+            "channel_mult": [1, 2],
+            "attention_resolutions": [8],
+            "head_channels": 16,
+        },
+        "sample_steps": 4,
+    },
+    "upsampler": {
+        "net": {"image_size": 32, "base_channels": 16, "channel_mult": [1, 2]},
+        "low_res_size": 16,
+        "crop_size": 0,
+        "sample_steps": 3,
+    },
+}
+RUN = {
+    "steps": 8,
+    "batch_size": 8,
+    "checkpoint_every": 4,
+    "eval_every": 4,
+    "log_every": 2,
+    "heldout_fraction": 0.2,
+    "eval_images": 4,
+    "time_limit_minutes": 0,
+}
+
+
+def tiny(stage: str, **run) -> dict:
+    return {**json.loads(json.dumps(TINY[stage])), "train": {**RUN, **run}}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    """A tiny CLIP and a 96-row table embedded with it (plus an image-less copy)."""
+    root = tmp_path_factory.mktemp("train-data")
+    clip = save_tiny_clip(str(root / "clip"))
+    ids = write_table(str(root / "table"), clip, n=96, image_size=32)
+    write_table(str(root / "noimage"), clip, n=32, with_image=False)
+    return {"root": root, "clip": clip, "table": str(root / "table"), "ids": ids}
+
+
+# ---------------------------------------------------------------------- configs
+def test_presets_fit_the_cpu_budget_and_resolve_strictly(tmp_path) -> None:
+    decoder, run = preset("decoder", "quick")
+    assert 0.5e6 < count_parameters(build_model(decoder)) < 1.5e6  # DESIGN.md: ~0.7M UNet
+    assert (decoder.net.image_size, decoder.net.base_channels, run.batch_size) == (32, 32, 32)
+    for stage in ("prior", "decoder", "upsampler"):
+        for name in ("quick", "full"):
+            cfg, r = preset(stage, name)
+            assert r.time_limit_minutes > 0 and r.steps > 0
+            gcfg, gr = preset(stage, name, gpu=True)
+            assert count_parameters(build_model(gcfg)) > count_parameters(build_model(cfg))
+
+    path = tmp_path / "c.yaml"
+    path.write_text("optim: {lr: 0.002}\nnet: {layers: 3}\ntrain: {steps: 77, batch_size: 4}\n")
+    cfg, run = resolve("prior", "quick", overrides=load_config_file(str(path)), steps=50)
+    assert (cfg.optim.lr, cfg.net.layers, run.steps, run.batch_size) == (0.002, 3, 50, 4)
+    (tmp_path / "c.json").write_text(json.dumps({"stage": "prior", "train": {"seed": 3}}))
+    assert resolve("prior", overrides=load_config_file(str(tmp_path / "c.json")))[1].seed == 3
+
+    with pytest.raises(ConfigError, match="c.yaml.*unknown key.*lerning_rate"):
+        resolve("prior", overrides={"optim": {"lerning_rate": 1}}, where=str(path))
+    with pytest.raises(ConfigError, match="train: unknown key.*stepz"):
+        resolve("decoder", overrides={"train": {"stepz": 3}})
+    with pytest.raises(ConfigError, match="config for stage 'decoder', not 'prior'"):
+        resolve("prior", overrides={"stage": "decoder"})
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        TrainConfig(batch_size=0)
+    (tmp_path / "bad.yaml").write_text("net: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config_file(str(tmp_path / "bad.yaml"))
+
+
+def test_lr_warms_up_then_decays() -> None:
+    o = OptimConfig(lr=1e-3, warmup_steps=10, lr_schedule="cosine")
+    assert lr_at(1, o, 110) == pytest.approx(1e-4)
+    assert lr_at(10, o, 110) == pytest.approx(1e-3)
+    assert lr_at(60, o, 110) == pytest.approx(5e-4)
+    assert lr_at(110, o, 110) == pytest.approx(0.0, abs=1e-12)
+    const = OptimConfig(lr=1e-3, warmup_steps=10)
+    assert lr_at(5, const, 100) == pytest.approx(5e-4) and lr_at(90, const, 100) == 1e-3
+
+
+# ---------------------------------------------------------------------- data
+def test_heldout_split_is_stable_and_sized() -> None:
+    ids = [f"img-{i}" for i in range(5000)]
+    mask = heldout_mask(ids, 0.1)
+    assert 0.08 < mask.mean() < 0.12
+    # the same id is held out whatever else is in the batch, in any order
+    assert np.array_equal(heldout_mask(ids[::-1], 0.1), mask[::-1])
+    assert np.array_equal(heldout_mask(ids[:7], 0.1), mask[:7])
+
+
+def test_prepare_batch_decodes_and_projects(data) -> None:
+    image = np.zeros((40, 48, 3), np.uint8)
+    image[:, 4:44] = (10, 200, 30)  # centre-crop of the 48 px wide image is all green
+    table = pa.table(
+        {
+            "id": ["a", "b"],
+            "image": [png(image), png(image)],
+            "text_emb": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.arange(8.0), pa.float32()), 4
+            ),
+            "text_tokens": pa.array([[5, 6, 7], [8]], pa.list_(pa.int32())),
+        }
+    )
+    spec = StageColumns(("image", "text_emb", "text_tokens"), image_size=16, context_length=5)
+    parts = [prepare_batch(table, spec, s, 0.5) for s in ("train", "heldout")]
+    parts = [p for p in parts if isinstance(p, dict)]  # an empty split is an empty block
+    both = {k: np.concatenate([p[k] for p in parts]) for k in spec.columns}
+    assert both["image"].shape == (2, 3, 16, 16) and both["image"].dtype == np.uint8
+    assert np.abs(both["image"][0, :, 8, 8].astype(int) - (10, 200, 30)).max() <= 2
+    assert both["text_tokens"].shape == (2, 5)
+    assert sorted(both["text_tokens"][:, 0].tolist()) == [5, 8]
+    assert both["text_emb"].shape == (2, 4) and both["text_emb"].dtype == np.float32
+
+    empty = prepare_batch(table, spec, "heldout", 0.0)  # no row held out: an empty block
+    assert empty.num_rows == 0 and set(empty.column_names) == set(spec.columns)
+    assert "Tensor" in str(empty.schema.field("image").type)  # not pickled objects
+
+    broken = table.set_column(1, "image", pa.array([b"not a png", png(image)]))
+    with pytest.raises(DataError, match="row 'a'.*do not decode"):
+        prepare_batch(broken, StageColumns(("image",), image_size=16), "train", 0.0)
+
+
+def test_prior_never_reads_image_bytes(data, ray_session) -> None:
+    from training.data import read_split
+
+    cfg = plan("prior", data["table"], str(data["root"] / "p-cols"), overrides=tiny("prior")).stage
+    cols = stage_for(cfg).columns()
+    assert "image" not in cols.columns
+    ds = read_split(read_table_info(data["table"]), cols, "train", 0.2)
+    assert "image" not in ds.schema().names
+    assert "image" in stage_for(preset("decoder")[0]).columns().columns
+
+
+# ---------------------------------------------------------------------- checks before starting
+def test_refuses_a_table_from_another_clip(data, tmp_path) -> None:
+    other = save_tiny_clip(str(tmp_path / "other"), seed=5)
+    write_table(str(tmp_path / "other_table"), other, n=16)
+    mine = data["clip"].identity
+    over = tiny("prior") | {"clip": {"fingerprint": mine.fingerprint}}
+    with pytest.raises(DataError, match="embedded with CLIP.*fingerprint"):
+        plan("prior", str(tmp_path / "other_table"), str(tmp_path / "p"), overrides=over)
+    # an embedding size set in the config must match the table's
+    over = tiny("decoder") | {"net": {**TINY["decoder"]["net"], "clip_dim": 64}}
+    with pytest.raises(DataError, match=r"dim 32.*expects CLIP embeddings of size 64"):
+        plan("decoder", data["table"], str(tmp_path / "d"), overrides=over)
+    with pytest.raises(DataError, match="no image column"):
+        plan(
+            "decoder",
+            str(data["root"] / "noimage"),
+            str(tmp_path / "d2"),
+            overrides=tiny("decoder"),
+        )
+    with pytest.raises(DataError, match="no embedding table"):
+        plan("prior", str(tmp_path / "nowhere"), str(tmp_path / "p3"))
+
+
+def test_preset_dimensions_adapt_to_the_table(data) -> None:
+    info = read_table_info(data["table"])
+    prior, _ = preset("prior", "full")  # reads text tokens
+    bound = bind_to_table(prior, info, explicit=set())
+    ident = data["clip"].identity
+    assert bound.net.embed_dim == ident.embed_dim == 32
+    assert bound.net.text_width == ident.text_width and bound.net.max_text_len == 16
+    assert bound.clip == table_clip(info)
+    assert (bound.clip.fingerprint, bound.clip.context_length) == (ident.fingerprint, 16)
+    with pytest.raises(DataError, match="text width"):
+        bind_to_table(prior, info, explicit={"net.text_width"})
+
+
+def test_run_location_and_existing_runs(tmp_path) -> None:
+    assert run_location("s3://b/x/prior", None) == ("s3://b/x", "prior.run")
+    assert run_location("s3://b/prior/", "s3://c/runs") == ("s3://c/runs", "prior.run")
+    assert run_location(str(tmp_path / "dec"), None) == (str(tmp_path), "dec.run")
+    with pytest.raises(UserError, match="needs a key inside the bucket"):
+        run_location("s3://bucket", None)
+    assert latest_checkpoint(str(tmp_path / "none")) is None
+
+
+# ---------------------------------------------------------------------- the loop (local mode)
+def test_decoder_with_text_states_writes_sample_grids(data, ray_session, tmp_path) -> None:
+    over = tiny("decoder")
+    over["net"]["text_width"] = 32  # conditions on CLIP token states computed in the loop
+    job = plan("decoder", data["table"], str(tmp_path / "dec"), overrides=over, workers=0)
+    assert job.stage.net.text_width == 32 and job.stage.net.clip_dim == 32
+    outcome = execute(job)
+    grid = Image.open(outcome.metrics["samples_png"])
+    assert grid.size == (4 * 16, 2 * 16)  # true images above, samples below
+    assert {"sample_clip_cos", "true_clip_cos"} <= set(outcome.metrics)
+    assert load_stage(str(tmp_path / "dec")).config.net.text_width == 32
+
+
+def test_upsampler_reports_psnr_beside_bicubic(data, ray_session, tmp_path) -> None:
+    job = plan(
+        "upsampler", data["table"], str(tmp_path / "up"), overrides=tiny("upsampler"), workers=0
+    )
+    m = execute(job).metrics
+    assert m["bicubic_psnr"] > 15 and math.isfinite(m["sample_psnr"])
+    assert Image.open(m["samples_png"]).size == (4 * 32, 3 * 32)
+
+
+def test_nan_loss_stops_with_a_clear_message(data, ray_session, tmp_path) -> None:
+    job = plan(
+        "prior",
+        data["table"],
+        str(tmp_path / "p"),
+        overrides=tiny("prior", debug_nan_at_step=6),
+        workers=0,
+    )
+    with pytest.raises(
+        UserError, match="diverged at step 6.*no checkpoint was written after step 4"
+    ):
+        execute(job)
+    assert not (tmp_path / "p").exists()
+
+
+def test_stepper_refuses_nan_data_without_touching_the_weights(data) -> None:
+    cfg = plan("prior", data["table"], "/nonexistent/p", overrides=tiny("prior")).stage
+    cfg = replace(cfg, net=replace(cfg.net, text_width=0))
+    state = new_state(cfg)
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    stepper = Stepper(stage_for(cfg), state.model, state)
+    emb = torch.nn.functional.normalize(torch.randn(8, 32), dim=-1)
+    bad = {
+        "text_emb": emb,
+        "image_emb": emb.clone().index_fill_(0, torch.tensor([3]), float("nan")),
+    }
+    out = stepper(bad, lr=1e-3)
+    assert not out.finite and state.step == 0 and state.ema.updates == 0
+    assert all(torch.equal(v, before[k]) for k, v in state.model.state_dict().items())
+    assert stepper({"text_emb": emb, "image_emb": emb}, lr=1e-3).finite and state.step == 1
+
+
+def test_cli_trains_the_prior_into_the_design_checkpoint(data, ray_session, tmp_path, capsys):
+    cfg = tmp_path / "prior.yaml"
+    cfg.write_text(json.dumps(tiny("prior")))
+    out = str(tmp_path / "prior")
+    args = ["train", "prior", "--data", data["table"], "--out", out, "--config", str(cfg)]
+    assert main([*args, "--workers", "0"]) == 0
+    assert "final checkpoint (step 8) written to" in capsys.readouterr().out
+
+    # the DESIGN.md stage checkpoint: config + EMA safetensors + resumable train state
+    config = load_stage_config(out)
+    assert config.clip == table_clip(read_table_info(data["table"]))
+    assert config.net.embed_dim == 32 and config.net.width == 32  # table dims, file sizes
+    model = load_stage(out)
+    state = load_train_state(out)  # weights_only=True inside
+    assert state["step"] == 8 and state["ema_updates"] == 8
+    assert set(state) >= {"model", "optimizer", "ema", "rng"}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state["ema"][k])  # model.safetensors holds the EMA weights
+    assert any(not torch.equal(state["model"][k], state["ema"][k]) for k in state["ema"])
+    assert json.loads((tmp_path / "prior" / "train_config.json").read_text())["steps"] == 8
+    records = [json.loads(x) for x in (tmp_path / "prior.run" / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8]
+    evals = [r for r in records if "heldout_cos" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert all(math.isfinite(r["loss"]) and -1 <= r["baseline_cos"] <= 1 for r in evals)
+    assert evals[-1]["heldout_rows"] > 0
+
+    # user errors: one line on stderr, exit 1
+    assert main([*args, "--workers", "0"]) == 1  # refuses to overwrite a checkpoint
+    assert "already holds a stage checkpoint" in capsys.readouterr().err
+    args[5] = str(tmp_path / "other")
+    assert main([*args[:-2], "--config", str(tmp_path / "missing.yaml")]) == 1
+    assert main(["train", "prior", "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "missing.yaml" in err[0] and "no embedding table" in err[1]
+    assert (
+        main(["train", "prior", "--data", data["table"], "--out", str(tmp_path / "y"), "--resume"])
+        == 1
+    )
+    assert "nothing to resume" in capsys.readouterr().err
