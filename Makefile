@@ -1,0 +1,33 @@
+# unclip-ray: the two commands are `make demo` and `make test`; both set themselves up.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PRESET ?= quick
+WORKDIR ?= work/demo
+
+.PHONY: install demo test test-fast test-slow lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel setuptools
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' --config-settings editable_mode=compat
+	@touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/unclip demo --workdir $(WORKDIR) --preset $(PRESET)
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" --timeout=300 tests
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,187 @@
+"""Stage models: they learn (overfit), save/load bit-identically, and compose in a bundle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.tiny import make_tiny_bundle, save_tiny_clip, tiny_configs
+from unclip.checkpoint import (
+    CheckpointError,
+    load_stage,
+    load_train_state,
+    make_bundle,
+    save_stage,
+)
+from unclip.conditioning import TextCond
+from unclip.config import (
+    ConfigError,
+    DecoderConfig,
+    DiffusionConfig,
+    OptimConfig,
+    PriorConfig,
+    PriorNetConfig,
+    UNetConfig,
+    from_dict,
+    merge,
+    stage_config_from_dict,
+    to_dict,
+)
+from unclip.models import build_model
+from unclip.pipeline import UnclipPipeline
+
+
+def train(model: torch.nn.Module, loss_fn, steps: int, lr: float) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    for _ in range(steps):
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    return loss.item()
+
+
+def test_prior_overfits_a_handful_of_pairs() -> None:
+    torch.manual_seed(0)
+    D, n = 32, 6
+    text = F.normalize(torch.randn(n, D), dim=-1)
+    image = F.normalize(torch.randn(n, D), dim=-1)  # unrelated: must be memorised
+    cfg = PriorConfig(
+        net=PriorNetConfig(embed_dim=D, width=128, layers=2, heads=4), text_drop_prob=0.0
+    )
+    prior = build_model(cfg)
+    batch = 64
+    idx = torch.arange(batch) % n
+
+    train(prior, lambda: prior(image[idx], TextCond(text[idx])), steps=700, lr=1e-3)
+    out = prior.sample(
+        TextCond(text), steps=32, candidates=2, eta=0.0, generator=torch.Generator().manual_seed(0)
+    )
+    cos = (out * image).sum(-1)
+    assert cos.min().item() > 0.99, cos
+    assert torch.allclose(out.norm(dim=-1), torch.ones(n), atol=1e-5)
+
+
+def test_decoder_overfits_one_image() -> None:
+    torch.manual_seed(0)
+    S = 16
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, S), torch.linspace(-1, 1, S), indexing="ij")
+    disc = ((xx - 0.2) ** 2 + (yy + 0.1) ** 2 < 0.3).float()
+    image = torch.stack([disc * 1.6 - 0.8, -0.6 * torch.ones(S, S), 0.8 - disc * 1.6])[None]
+    emb = F.normalize(torch.randn(1, 16), dim=-1)
+    cfg = DecoderConfig(
+        net=UNetConfig(
+            image_size=S,
+            base_channels=32,
+            channel_mult=(1, 2),
+            attention_resolutions=(8,),
+            clip_dim=16,
+        ),
+        diffusion=DiffusionConfig(prediction="v", timesteps=1000),
+        clip_drop_prob=0.0,
+        text_drop_prob=0.0,
+    )
+    dec = build_model(cfg)
+    B = 16
+    train(dec, lambda: dec(image.expand(B, -1, -1, -1), emb.expand(B, -1)), steps=400, lr=2e-3)
+    out = dec.sample(
+        emb.expand(4, -1), steps=25, guidance_scale=1.0, generator=torch.Generator().manual_seed(0)
+    )
+    mse = (out - image).pow(2).mean().item()
+    assert mse < 0.01, mse
+
+
+@pytest.mark.parametrize("stage", ["prior", "decoder", "upsampler"])
+def test_checkpoint_roundtrip_is_bit_identical(tmp_path, stage: str) -> None:
+    clip = save_tiny_clip(str(tmp_path / "clip"))
+    cfg = {c.stage: c for c in tiny_configs(clip)}[stage]
+    torch.manual_seed(1)
+    model = build_model(cfg).eval()
+    for p in model.parameters():  # zero-initialised output layers would hide bugs
+        p.data.add_(0.01 * torch.randn_like(p))
+    save_stage(
+        str(tmp_path / "ck"),
+        cfg,
+        model.state_dict(),
+        train_state={"step": 7, "optimizer": {"lr": torch.tensor(0.1)}},
+    )
+    loaded = load_stage(str(tmp_path / "ck"))
+    assert loaded.config == cfg
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    if stage == "prior":
+        text = TextCond(F.normalize(torch.randn(2, 32), dim=-1))
+        a, b = model.sample(text, generator=g()), loaded.sample(text, generator=g())
+    elif stage == "decoder":
+        emb = F.normalize(torch.randn(2, 32), dim=-1)
+        a, b = model.sample(emb, generator=g()), loaded.sample(emb, generator=g())
+    else:
+        low = torch.rand(2, 3, 16, 16) * 2 - 1
+        a, b = model.sample(low, generator=g()), loaded.sample(low, generator=g())
+    assert torch.equal(a, b)
+    state = load_train_state(str(tmp_path / "ck"))
+    assert state["step"] == 7 and torch.equal(state["optimizer"]["lr"], torch.tensor(0.1))
+
+
+def test_train_state_refuses_pickled_code(tmp_path) -> None:
+    clip = save_tiny_clip(str(tmp_path / "clip"))
+    cfg = tiny_configs(clip)[0]
+    save_stage(str(tmp_path / "ck"), cfg, build_model(cfg).state_dict())
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "ck" / "train_state.pt")
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        load_train_state(str(tmp_path / "ck"))
+
+
+def test_config_roundtrip_and_strict_errors() -> None:
+    cfg = PriorConfig(net=PriorNetConfig(width=64, heads=2), optim=OptimConfig(lr=1e-4))
+    assert stage_config_from_dict(to_dict(cfg)) == cfg
+    assert merge(cfg, {"net": {"layers": 3}}).net.layers == 3
+    with pytest.raises(ConfigError, match="unknown key.*widht.*known keys"):
+        from_dict(PriorConfig, {"net": {"widht": 3}})
+    with pytest.raises(ConfigError, match="net.layers: expected an integer"):
+        from_dict(PriorConfig, {"net": {"layers": "six"}})
+    with pytest.raises(ConfigError, match="valid choices: eps, x0, v"):
+        from_dict(DecoderConfig, {"diffusion": {"prediction": "score"}})
+    with pytest.raises(ConfigError, match="valid stages"):
+        stage_config_from_dict({"stage": "vae"})
+    with pytest.raises(ConfigError, match="divisible"):
+        UNetConfig(base_channels=20, groups=8)
+
+
+def test_bundle_pipeline_is_deterministic_and_checks_compatibility(tmp_path) -> None:
+    uri = make_tiny_bundle(str(tmp_path))
+    pipe = UnclipPipeline.from_bundle(uri)
+    a = pipe.generate("a small red circle", num_images=3, seed=5)
+    b = pipe.generate("a small red circle", num_images=3, seed=5)
+    c = pipe.generate("a small red circle", num_images=3, seed=6)
+    assert a.images.shape == (3, 32, 32, 3) and a.images.dtype == np.uint8
+    assert np.array_equal(a.images, b.images)
+    assert not np.array_equal(a.images, c.images)
+    # image j does not depend on how many images were asked for (batch independence)
+    one = pipe.generate("a small red circle", num_images=1, seed=5)
+    assert np.abs(one.images[0].astype(int) - a.images[0].astype(int)).max() <= 1
+    assert set(a.timings) == {"text_encoder", "prior", "decoder", "upsampler1"}
+    var = pipe.variations(__import__("PIL.Image").Image.fromarray(a.images[0]), 2, seed=1)
+    assert var.images.shape == (2, 32, 32, 3)
+
+    # a prior trained for another CLIP is refused with a clear message
+    other = save_tiny_clip(str(tmp_path / "other_clip"), seed=9)
+    with pytest.raises(CheckpointError, match="trained with CLIP"):
+        make_bundle(
+            str(tmp_path / "b2"),
+            other.identity.model,
+            f"{tmp_path}/prior_ckpt",
+            f"{tmp_path}/decoder_ckpt",
+        )
+    with pytest.raises(CheckpointError, match="not a bundle"):
+        UnclipPipeline.from_bundle(str(tmp_path / "nothing"))

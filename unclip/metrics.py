@@ -1,0 +1,45 @@
+"""Evaluation metrics on CLIP embeddings (pure torch, float64 where it matters)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def frechet_distance(a: Tensor, b: Tensor) -> float:
+    """Fréchet distance between Gaussian fits of two sets of embeddings (N, D) and (M, D).
+
+    ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2}), the FID formula on CLIP
+    embeddings. Tr((S_a S_b)^{1/2}) is computed stably as the sum of square roots of the
+    eigenvalues of S_a^{1/2} S_b S_a^{1/2} (symmetric PSD).
+    """
+    a, b = a.double(), b.double()
+    assert a.dim() == b.dim() == 2 and a.shape[1] == b.shape[1], (a.shape, b.shape)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = torch.cov(a.T), torch.cov(b.T)
+    w, v = torch.linalg.eigh(s_a)
+    sqrt_a = (v * w.clamp(min=0).sqrt()) @ v.T
+    m = sqrt_a @ s_b @ sqrt_a
+    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + s_a.trace() + s_b.trace() - 2 * tr_sqrt)
+
+
+def clip_score(image_emb: Tensor, text_emb: Tensor) -> Tensor:
+    """Per-row cosine similarity of (N, D) image and text embeddings."""
+    return torch.nn.functional.cosine_similarity(image_emb.float(), text_emb.float(), dim=-1)
+
+
+def retrieval_top1(
+    image_emb: Tensor, text_emb: Tensor, k: int = 10, generator: torch.Generator | None = None
+) -> float:
+    """Caption retrieval: fraction of images whose own caption scores highest among itself
+    and ``k - 1`` other captions drawn at random from the set (chance = 1 / k)."""
+    n = image_emb.shape[0]
+    assert text_emb.shape[0] == n and n >= k >= 2
+    hits = 0
+    for i in range(n):
+        others = torch.randperm(n - 1, generator=generator)[: k - 1]
+        others = others + (others >= i).long()  # skip i itself
+        cands = torch.cat([text_emb[i : i + 1], text_emb[others]])
+        hits += int((cands @ image_emb[i]).argmax().item() == 0)
+    return hits / n

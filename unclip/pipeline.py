@@ -1,0 +1,282 @@
+"""Text-to-image and image-variation sampling: the one code path for every caller.
+
+``unclip generate`` calls ``UnclipPipeline.generate`` in-process; the Serve deployments each
+hold one stage and call the same stage functions below (``encode_prompts``, ``sample_prior``,
+``sample_decoder``, ``sample_upsampler``), so both produce the same images for the same seed.
+
+Randomness: image ``j`` of a request with seed ``s`` draws its noise for stage ``k`` from its
+own generator seeded by ``(s, j, k)``, so results do not depend on batching.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from unclip.checkpoint import (
+    bundle_clip_source,
+    load_stage,
+    read_bundle_spec,
+)
+from unclip.clip import Clip
+from unclip.conditioning import TextCond
+from unclip.config import SamplingSettings
+from unclip.decoder import Decoder
+from unclip.prior import DiffusionPrior
+from unclip.upsampler import Upsampler
+
+STAGE_PRIOR, STAGE_DECODER, STAGE_UPSAMPLER = 1, 2, 3
+
+
+def stage_generators(
+    seeds: Sequence[int], stage: int, device: str | torch.device = "cpu"
+) -> list[torch.Generator]:
+    """One generator per image for one stage, derived from the image's seed."""
+    gens = []
+    for s in seeds:
+        digest = hashlib.sha256(f"{s}:{stage}".encode()).digest()
+        gens.append(
+            torch.Generator(device=device).manual_seed(
+                int.from_bytes(digest[:8], "little") & (2**63 - 1)
+            )
+        )
+    return gens
+
+
+def image_seeds(seed: int, n: int) -> list[int]:
+    """Per-image seeds for a request: image j of seed s is (s * 1_000_003 + j)."""
+    return [seed * 1_000_003 + j for j in range(n)]
+
+
+def needs_text_states(*models: torch.nn.Module) -> bool:
+    """Whether any stage attends to per-token text states (text_width > 0)."""
+    return any(getattr(m.config.net, "text_width", 0) for m in models)
+
+
+# ---------------------------------------------------------------------- stage functions
+def encode_prompts(clip: Clip, prompts: list[str], with_states: bool) -> TextCond:
+    """Prompts -> CLIP text conditioning (embedding, and per-token states if asked)."""
+    tokens, _ = clip.tokenize(prompts)
+    if with_states:
+        emb, states, mask = clip.encode_text_states(tokens)
+        return TextCond(emb, states, mask)
+    return TextCond(clip.encode_text(tokens))
+
+
+def sample_prior(
+    prior: DiffusionPrior, text: TextCond, seeds: Sequence[int], s: SamplingSettings
+) -> Tensor:
+    """Caption conditioning (B rows, one per image) -> CLIP image embeddings (B, D)."""
+    return prior.sample(
+        text.to(prior_device(prior)),
+        steps=s.prior_steps,
+        guidance_scale=s.prior_guidance_scale,
+        candidates=s.candidates,
+        eta=s.prior_eta,
+        generator=stage_generators(seeds, STAGE_PRIOR),
+    )
+
+
+def sample_decoder(
+    decoder: Decoder,
+    image_emb: Tensor,
+    text: TextCond | None,
+    seeds: Sequence[int],
+    s: SamplingSettings,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """CLIP image embeddings (B, D) -> images (B, 3, S, S) in [-1, 1]."""
+    dev = prior_device(decoder)
+    return decoder.sample(
+        image_emb.to(dev),
+        text.to(dev) if text is not None else None,
+        steps=s.decoder_steps,
+        guidance_scale=s.decoder_guidance_scale,
+        eta=s.decoder_eta,
+        noise=None if noise is None else noise.to(dev),
+        generator=stage_generators(seeds, STAGE_DECODER),
+    )
+
+
+def sample_upsampler(
+    upsampler: Upsampler, images: Tensor, seeds: Sequence[int], s: SamplingSettings, index: int = 0
+) -> Tensor:
+    """Images (B, 3, s, s) -> (B, 3, s * f, s * f), both in [-1, 1]."""
+    return upsampler.sample(
+        images.to(prior_device(upsampler)),
+        steps=s.upsampler_steps,
+        generator=stage_generators(seeds, STAGE_UPSAMPLER + index),
+    )
+
+
+def prior_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ---------------------------------------------------------------------- images
+def to_uint8(images: Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def from_pil(image: Image.Image, size: int) -> Tensor:
+    """PIL image -> (1, 3, size, size) in [-1, 1] (RGB, centre-cropped square, resized)."""
+    img = image.convert("RGB")
+    w, h = img.size
+    side = min(w, h)
+    img = img.crop(
+        ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+    )
+    img = img.resize((size, size), Image.Resampling.BICUBIC)
+    arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1)
+    return arr.permute(2, 0, 1)[None]
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def grid(images: np.ndarray, cols: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one (rows * H, cols * W, 3) image, padded with white."""
+    n, h, w, c = images.shape
+    rows = -(-n // cols)
+    out = np.full((rows * h, cols * w, c), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, cols)
+        out[r * h : (r + 1) * h, col * w : (col + 1) * w] = img
+    return out
+
+
+# ---------------------------------------------------------------------- the pipeline
+@dataclass
+class Generation:
+    """Result of one request: images (N, H, W, 3) uint8, the seed, per-stage seconds."""
+
+    images: np.ndarray
+    seed: int
+    timings: dict[str, float] = field(default_factory=dict)
+    image_embeddings: Tensor | None = None
+
+
+@dataclass
+class UnclipPipeline:
+    """A loaded bundle: CLIP + prior + decoder + upsamplers + default settings."""
+
+    clip: Clip
+    prior: DiffusionPrior
+    decoder: Decoder
+    upsamplers: list[Upsampler]
+    settings: SamplingSettings
+    spec: Any = None
+
+    @classmethod
+    def from_bundle(cls, uri: str, device: str = "cpu") -> UnclipPipeline:
+        spec = read_bundle_spec(uri)
+        model, pretrained = bundle_clip_source(uri, spec)
+        clip = Clip.load(model, pretrained, device=device)
+        stages = [load_stage(f"{uri.rstrip('/')}/{name}", device) for name in spec.stages]
+        prior, decoder, *ups = stages
+        assert isinstance(prior, DiffusionPrior) and isinstance(decoder, Decoder)
+        return cls(clip, prior, decoder, list(ups), spec.sampling, spec)
+
+    @property
+    def with_states(self) -> bool:
+        return needs_text_states(self.prior, self.decoder)
+
+    def resolve(self, **overrides: Any) -> SamplingSettings:
+        """Bundle defaults with the non-None overrides applied."""
+        return replace(self.settings, **{k: v for k, v in overrides.items() if v is not None})
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str,
+        num_images: int = 1,
+        seed: int = 0,
+        settings: SamplingSettings | None = None,
+    ) -> Generation:
+        """Text -> prior -> decoder -> upsamplers, one commented block per stage."""
+        s = settings or self.settings
+        seeds = image_seeds(seed, num_images)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+
+        # 1. CLIP text encoder: the caption's embedding (and token states), one row per image
+        text = encode_prompts(self.clip, [prompt], self.with_states).repeat(num_images)
+        timings["text_encoder"] = time.perf_counter() - t0
+
+        # 2. prior: CLIP text embedding -> CLIP image embedding (best of `candidates`)
+        t0 = time.perf_counter()
+        image_emb = sample_prior(self.prior, text, seeds, s)
+        timings["prior"] = time.perf_counter() - t0
+
+        # 3. decoder: CLIP image embedding -> base-resolution image
+        t0 = time.perf_counter()
+        images = sample_decoder(self.decoder, image_emb, text, seeds, s)
+        timings["decoder"] = time.perf_counter() - t0
+
+        # 4. upsamplers: each multiplies the resolution
+        for i, up in enumerate(self.upsamplers):
+            t0 = time.perf_counter()
+            images = sample_upsampler(up, images, seeds, s, i)
+            timings[f"upsampler{i + 1}"] = time.perf_counter() - t0
+        return Generation(to_uint8(images), seed, timings, image_emb.cpu())
+
+    @torch.no_grad()
+    def variations(
+        self,
+        image: Image.Image,
+        num_images: int = 1,
+        eta: float = 0.8,
+        seed: int = 0,
+        settings: SamplingSettings | None = None,
+    ) -> Generation:
+        """Image variations (PAPER.md §3): encode with CLIP, DDIM-invert the decoder to get
+        x_T, then decode (z_i, x_T) with DDIM ``eta`` > 0; upsample as usual."""
+        s = replace(settings or self.settings, decoder_eta=eta)
+        seeds = image_seeds(seed, num_images)
+        timings: dict[str, float] = {}
+
+        # 1. CLIP image encoder: z_i
+        t0 = time.perf_counter()
+        x = from_pil(image, self.decoder.config.net.image_size).to(prior_device(self.decoder))
+        z = self.clip.encode_images(x)
+        timings["image_encoder"] = time.perf_counter() - t0
+
+        # 2. DDIM inversion of the decoder: x_T with (z_i, x_T) -> the input image
+        t0 = time.perf_counter()
+        x_T = self.decoder.invert(
+            x, z, steps=s.decoder_steps, guidance_scale=s.decoder_guidance_scale
+        )
+        timings["inversion"] = time.perf_counter() - t0
+
+        # 3. decoder with eta > 0 from the shared x_T: variations keep semantics and layout
+        t0 = time.perf_counter()
+        images = sample_decoder(
+            self.decoder,
+            z.repeat(num_images, 1),
+            None,
+            seeds,
+            s,
+            noise=x_T.repeat(num_images, 1, 1, 1),
+        )
+        timings["decoder"] = time.perf_counter() - t0
+
+        # 4. upsamplers
+        for i, up in enumerate(self.upsamplers):
+            t0 = time.perf_counter()
+            images = sample_upsampler(up, images, seeds, s, i)
+            timings[f"upsampler{i + 1}"] = time.perf_counter() - t0
+        return Generation(to_uint8(images), seed, timings, z.cpu())
