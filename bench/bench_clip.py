@@ -2,7 +2,11 @@
 
     python bench/bench_clip.py --data FOLDER --variants vit8,rn16 --steps 400 --eval-at 200,400
 
-Trains each variant in-process (no Ray: the same ``training.clip_steps`` step the Ray Train
+    python bench/bench_clip.py --data FOLDER --variants vit8,rn16 --timing 12
+
+``--timing R`` only times training steps: R rounds, each one step of every variant in turn
+(so load changes hit all alike), and prints the median wall and CPU seconds per step and each
+variant's ratio to the first. Otherwise it trains each variant in-process (no Ray: the same ``training.clip_steps`` step the Ray Train
 loop runs), with the given threads, and prints per variant the median seconds per step
 (after 3 warm-up steps) and the zero-shot / retrieval numbers of ``training.clip_eval`` at
 the ``--eval-at`` steps, on held-out renders of a seed no training set uses. Check ``uptime``
@@ -48,9 +52,13 @@ def main() -> None:
     p.add_argument("--eval-images", type=int, default=500)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default="")
+    p.add_argument("--timing", type=int, default=0, help="rounds of interleaved timing only")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"load average at start: {os.getloadavg()}", flush=True)
+    if args.timing:
+        timing(args)
+        return
 
     data = read_folder(args.data, 64, 32)
     renders = render_heldout(args.eval_images, 1_000_003, 64)
@@ -119,6 +127,37 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def timing(args: argparse.Namespace) -> None:
+    """Median seconds per training step of each variant, steps interleaved across variants."""
+    from open_clip.loss import ClipLoss
+
+    data = read_folder(args.data, 64, 32)
+    rows = np.arange(args.batch_size)
+    x = normalise(to_unit(torch.from_numpy(data.images[rows])), OPENAI_MEAN, OPENAI_STD)
+    tokens = torch.from_numpy(data.tokens[rows]).long()
+    names = args.variants.split(",")
+    runs = {}
+    for name in names:
+        torch.manual_seed(0)
+        model = build_clip(VARIANTS[name])
+        cfg = ClipTrainConfig(model=VARIANTS[name])
+        runs[name] = (model, make_optimizer(model, cfg), ClipLoss())
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(args.timing):
+        for name in names:
+            model, opt, loss_fn = runs[name]
+            t0, c0 = time.perf_counter(), time.process_time()
+            train_step(model, loss_fn, opt, x, tokens, 1e-3, 1.0)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    ref = statistics.median(wall[names[0]][2:])
+    for name in names:
+        w, c = statistics.median(wall[name][2:]), statistics.median(cpu[name][2:])
+        print(f"{name}: {w:.3f} s/step wall (x{w / ref:.2f} of {names[0]}), {c:.3f} s CPU")
+    print(f"load average at end: {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 
 from training.clip import ClipJob, evaluate, fit, latest_checkpoint, load_train_state, plan, run
 from training.clip_data import list_pairs, read_folder, worker_batches
-from training.clip_eval import all_combinations
+from training.clip_eval import all_combinations, caption_retrieval, zero_shot
 from unclip import fs
 from unclip.clip import Clip
 from unclip.errors import UserError
@@ -123,6 +123,29 @@ def test_combinations_cover_every_attribute_tuple() -> None:
     assert len(combos) == len(set(combos)) == 8 * 4 * 2 * 5 * 5
 
 
+def test_zero_shot_and_retrieval_read_attributes_off_embeddings() -> None:
+    """With text embeddings that identify each tuple, images near a tuple's embedding are
+    classified as that tuple; a wrong neighbour costs exactly the attributes it differs in."""
+    combos = all_combinations()
+    torch.manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(len(combos), 64), dim=-1)
+    pick = [3, 500, 1599, 42]
+    images = torch.nn.functional.normalize(text[pick] + 0.02 * torch.randn(4, 64), dim=-1)
+    truth = [combos[i] for i in pick]
+    joint, marginal = zero_shot(images, combos, text, truth)
+    assert joint == marginal == {k: 1.0 for k in ("colour", "shape", "size", "position", "all")}
+    # retrieval: caption 0 retrieves image 1, which the oracle reads as tuple 500
+    oracle = [combos[3], combos[500], combos[1599], combos[42]]
+    caption_emb = images[[1, 1, 2, 3]]
+    got = caption_retrieval(images, caption_emb, truth, oracle)
+    same = [getattr(combos[3], k) == getattr(combos[500], k) for k in ("colour", "shape")]
+    assert (
+        got["all"] == 0.75
+        and got["colour"] == (3 + same[0]) / 4
+        and got["shape"] == (3 + same[1]) / 4
+    )
+
+
 # ---------------------------------------------------------------------- config and plan
 def test_plan_rejects_bad_config_and_runs(tmp_path: Path, shapes_dir: str) -> None:
     out = str(tmp_path / "clip")
@@ -165,7 +188,8 @@ def test_local_mode_trains_and_checkpoint_loads_like_open_clip(
     assert state["step"] == 3 and "optimizer" in state
     metrics = json.loads(fs.read_text(fs.join(out, "metrics.json")))
     assert metrics["steps"] == 3 and metrics["images"] == 40
-    for key in ("zero_shot", "zero_shot_upsampled", "retrieval", "retrieval_upsampled"):
+    keys = ("zero_shot", "zero_shot_marginal", "retrieval")
+    for key in [*keys, *(k + "_upsampled" for k in keys)]:
         assert set(metrics[key]) == {"colour", "shape", "size", "position", "all"}
     with pytest.raises(UserError, match="already holds a checkpoint"):
         run(args_for(shapes_dir, out, config=str(cfg_file), steps=3))
@@ -192,8 +216,16 @@ def test_two_workers_ddp_equals_one_process_on_the_global_batch(
 ) -> None:
     """ClipLoss gathers features across workers (with gradients): 2 DDP workers with 4 rows
     each take exactly the step one process takes on the 8 rows. Without the gather each
-    worker's loss would see only its 4 rows as negatives and the weights would differ."""
-    over = {**TINY, "upsample_fraction": 0.0, "checkpoint_every": 100, "threads": 1}
+    worker's loss would see only its 4 rows as negatives and the weights would differ.
+    (A ViT tower: a ResNet's BatchNorm takes per-worker batch statistics, as usual in DDP.)"""
+    vit = {"vision": "vit", "vision_layers": [1], "vision_width": 32, "patch_size": 8}
+    over = {
+        **TINY,
+        "model": {**TINY["model"], **vit},
+        "upsample_fraction": 0.0,
+        "checkpoint_every": 100,
+        "threads": 1,
+    }
     data = read_folder(shapes_dir, 32, 32)
     one = plan(shapes_dir, str(tmp_path / "one"), config=over, steps=2, workers=0)
     two = plan(shapes_dir, str(tmp_path / "two"), config=over, steps=2, workers=2)
@@ -202,7 +234,7 @@ def test_two_workers_ddp_equals_one_process_on_the_global_batch(
     assert step1 == step2 == 2
     assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-4)
     w1, w2 = _weights(one.out), _weights(two.out)
-    moved = w1["visual.conv1.weight"] - _initial_weights(one)["visual.conv1.weight"]
+    moved = w1["visual.conv1.weight"] - _initial_weights(one)["visual.conv1.weight"]  # patchify
     assert moved.abs().max() > 1e-4  # the step did change the weights
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=2e-5, rtol=1e-4), k

@@ -333,7 +333,7 @@ def fit(job: ClipJob, train: ImageTextData) -> tuple[int, dict[str, Any]]:
         loop_config.update(data=arrays, local_dir=local_dir)
     else:
         loop_config["data"] = ray.put(arrays)
-    storage_fs, storage_path = fs.pyarrow_fs(job.storage)
+    storage_fs, storage_path = storage_filesystem(job.storage)
     resources = {"CPU": job.train.cpus_per_worker, **({"GPU": 1} if job.gpu else {})}
     trainer = TorchTrainer(
         train_loop,
@@ -360,6 +360,29 @@ def fit(job: ClipJob, train: ImageTextData) -> tuple[int, dict[str, Any]]:
     finally:
         if local_dir:
             shutil.rmtree(local_dir, ignore_errors=True)
+
+
+def storage_filesystem(uri: str) -> tuple[Any, str]:
+    """``fs.pyarrow_fs`` for RunConfig. For s3, credentials set in the driver's environment
+    are given explicitly, so workers whose environment lacks them (a Ray started before they
+    were set) still reach the same endpoint with the same identity."""
+    filesystem, path = fs.pyarrow_fs(uri)
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not uri.startswith("s3://") or not (key and secret):
+        return filesystem, path
+    import pyarrow.fs as pafs
+
+    kwargs: dict[str, Any] = {"access_key": key, "secret_key": secret}
+    if os.environ.get("AWS_SESSION_TOKEN"):
+        kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    if fs.s3_endpoint():
+        kwargs["endpoint_override"] = fs.s3_endpoint()
+        if fs.s3_endpoint().startswith("http://"):
+            kwargs["scheme"] = "http"
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs), path
 
 
 def evaluate(job: ClipJob, heldout: ImageTextData) -> dict[str, Any]:

@@ -5,7 +5,8 @@ Zero-shot attribute classification: every attribute combination (colour x shape 
 position x background: 1,600 tuples) gets a text embedding, the mean of the embeddings of
 ``captions_per_combo`` captions drawn from the dataset's own templates; an image's
 prediction is the best-scoring tuple, whose colour, shape, size and position are compared
-with the image's true attributes. Chance: colour 1/8, shape 1/4, size 1/2, position 1/5.
+with the image's true attributes ("zero_shot"); "zero_shot_marginal" instead picks each
+attribute's value by its softmax mass summed over all tuples with that value. Chance: colour 1/8, shape 1/4, size 1/2, position 1/5.
 
 Caption -> image retrieval: each held-out caption retrieves its best image among all
 held-out images; it is right if the oracle's reading of that image (``unclip.shapes.oracle``,
@@ -93,7 +94,7 @@ def embed_texts(model: nn.Module, tokens: np.ndarray, batch: int = 500) -> Tenso
 
 
 def combination_embeddings(
-    model: nn.Module, context_length: int, captions_per_combo: int = 3, seed: int = 0
+    model: nn.Module, context_length: int, captions_per_combo: int = 4, seed: int = 0
 ) -> tuple[list[Attributes], Tensor]:
     """Every attribute tuple and its prompt-ensemble text embedding (K, D)."""
     from unclip.shapes.captions import caption
@@ -125,10 +126,29 @@ def attribute_accuracy(predicted: list[Attributes], truth: list[Attributes]) -> 
 
 
 def zero_shot(
-    image_emb: Tensor, combos: list[Attributes], combo_emb: Tensor, truth: list[Attributes]
-) -> dict[str, float]:
-    best = (image_emb @ combo_emb.T).argmax(dim=1).tolist()  # (N,)
-    return attribute_accuracy([combos[i] for i in best], truth)
+    image_emb: Tensor,
+    combos: list[Attributes],
+    combo_emb: Tensor,
+    truth: list[Attributes],
+    scale: float = 100.0,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(joint, marginal) accuracies. Joint: the attributes of the best-scoring tuple.
+    Marginal: per attribute, the value with the largest softmax mass (``scale`` = CLIP's
+    logit scale) summed over all tuples with that value."""
+    logits = scale * image_emb @ combo_emb.T  # (N, K)
+    joint = [combos[i] for i in logits.argmax(dim=1).tolist()]
+    log_p = logits.log_softmax(dim=1)
+    picked: dict[str, list[str]] = {}
+    for kind in ATTRIBUTES:
+        values = sorted({getattr(c, kind) for c in combos})
+        member = torch.tensor([[getattr(c, kind) == v for c in combos] for v in values])
+        mass = torch.logsumexp(log_p[:, None, :].masked_fill(~member[None], -torch.inf), dim=2)
+        picked[kind] = [values[i] for i in mass.argmax(dim=1).tolist()]
+    marginal = [
+        Attributes(*(picked[k][i] for k in ATTRIBUTES), background=t.background)
+        for i, t in enumerate(truth)
+    ]
+    return attribute_accuracy(joint, truth), attribute_accuracy(marginal, truth)
 
 
 def caption_retrieval(
@@ -156,7 +176,8 @@ def evaluate_shapes(
     out: dict[str, dict[str, float]] = {}
     for upsampled, suffix in ((False, ""), (True, "_upsampled")):
         image_emb = embed_images(model, renders.images, mean, std, upsampled)
-        out["zero_shot" + suffix] = zero_shot(image_emb, combos, combo_emb, renders.attributes)
+        joint, marginal = zero_shot(image_emb, combos, combo_emb, renders.attributes)
+        out["zero_shot" + suffix], out["zero_shot_marginal" + suffix] = joint, marginal
         out["retrieval" + suffix] = caption_retrieval(
             image_emb, caption_emb, renders.attributes, renders.oracle
         )
