@@ -12,9 +12,11 @@ keyword arguments of ``open_clip.model.CLIP`` (``to_open_clip``), which is what 
 e.g. a config file ``{"lr": 0.001, "model": {"vision": "vit", "patch_size": 8}}``. Unknown
 keys are errors naming the key.
 
-Preset sizes come from measurements on a 2-core CPU (bench/bench_clip.py, the report of
-issue 3): a ModifiedResNet-style conv image tower sees shapes that a patch-8 ViT at the same
-cost does not; the step counts fit the time budgets with one worker and 2 threads.
+Preset sizes come from measurements on a 2-core CPU (bench/bench_clip.py): after 150 steps
+of batch 128, open_clip's ModifiedResNet tower (width 16) read position 0.99 and shape
+0.44 zero-shot (0.73 by retrieval) where a patch-8 ViT (width 128 x 3) of ~0.8x the step
+cost read 0.21 and 0.29: convolutions and attention pooling over a 2x2 map keep shape and
+position, which the ViT learns slowly. The step counts fit the time budgets with one worker.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class ClipModelConfig:
     embed_dim: int = 128
     image_size: int = 64
     vision: Vision = "resnet"
-    vision_width: int = 32  # resnet: stem width (stage i has width * 2**i * 4 channels)
+    vision_width: int = 16  # resnet: stem width (stage i has width * 2**i * 4 channels)
     vision_layers: tuple[int, ...] = (1, 1, 1, 1)  # resnet: blocks per stage; vit: (layers,)
     vision_head_width: int = 64
     patch_size: int = 8  # vit only
@@ -133,9 +135,13 @@ class ClipTrainConfig:
             raise ConfigError("lr must be > 0 and warmup_steps >= 0")
 
 
-# Measured on a quiet 2-core CPU, 1 worker x 2 threads (bench/bench_clip.py).
-_QUICK = ClipTrainConfig(steps=700, time_limit_minutes=4.0)
-_FULL = ClipTrainConfig(steps=2800, time_limit_minutes=17.0, warmup_steps=100)
+# Sized for a quiet 2-core CPU, 1 worker x 2 threads: the default resnet tower (width 16)
+# takes ~1.3x the 0.7 s per batch of 128 of DESIGN.md's plain ViT (bench/bench_clip.py
+# --timing, steps interleaved), so ~0.9 s. Reading 20k images, starting the worker and
+# evaluating take ~1 minute besides. The time limits keep the
+# budgets on a slower or busier machine (fewer steps, a final checkpoint all the same).
+_QUICK = ClipTrainConfig(steps=240, warmup_steps=30, time_limit_minutes=3.5)
+_FULL = ClipTrainConfig(steps=1200, warmup_steps=60, time_limit_minutes=17.5)
 _PRESETS = {"quick": _QUICK, "full": _FULL}
 
 
