@@ -147,8 +147,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if world > 1:
         model = ray.train.torch.prepare_model(model)
     loss_fn = ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world)
-    mean = config.get("mean", OPENAI_MEAN)
-    std = config.get("std", OPENAI_STD)
+    mean, std = OPENAI_MEAN, OPENAI_STD  # what save_clip_checkpoint records
 
     t_start, last_log, losses = time.perf_counter(), time.perf_counter(), []
     step = start
@@ -400,7 +399,8 @@ def evaluate(job: ClipJob, heldout: ImageTextData) -> dict[str, Any]:
         shapes = "on" if fs.exists(fs.join(job.data, SHAPES_MARKER)) else "off"
     if shapes == "on" and job.train.eval_images > 0:
         renders = render_heldout(job.train.eval_images, job.train.eval_seed, size)
-        out.update(evaluate_shapes(clip.model, renders, ctx, mean, std))
+        per_combo = job.train.eval_captions_per_combo
+        out.update(evaluate_shapes(clip.model, renders, ctx, mean, std, per_combo))
     return out
 
 
@@ -450,10 +450,16 @@ def run(args: argparse.Namespace) -> int:
     step, train_metrics = fit(job, train)
     train_s = time.perf_counter() - t1
     say(f"[clip] trained to step {step} in {train_s:.0f}s; checkpoint at {job.out}; evaluating")
+    if step < cfg.steps:
+        say(
+            f"[clip] stopped at step {step} of {cfg.steps}: time_limit_minutes "
+            f"{cfg.time_limit_minutes} reached (a busy or slow machine)"
+        )
     metrics = evaluate(job, heldout)
     report = {
         "preset": job.preset,
         "steps": step,
+        "stopped_early": step < cfg.steps,
         "workers": job.workers,
         "loss": train_metrics.get("loss"),
         "train_seconds": train_s,

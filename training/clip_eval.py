@@ -167,11 +167,12 @@ def evaluate_shapes(
     context_length: int,
     mean: tuple[float, ...],
     std: tuple[float, ...],
+    captions_per_combo: int = 4,
 ) -> dict[str, dict[str, float]]:
     """Zero-shot and retrieval on clean and on upsampled held-out renders."""
     was_training = model.training
     model.eval()
-    combos, combo_emb = combination_embeddings(model, context_length)
+    combos, combo_emb = combination_embeddings(model, context_length, captions_per_combo)
     caption_emb = embed_texts(model, tokenize(renders.captions, context_length))
     out: dict[str, dict[str, float]] = {}
     for upsampled, suffix in ((False, ""), (True, "_upsampled")):

@@ -124,6 +124,7 @@ class ClipTrainConfig:
     eval_images: int = 1000  # held-out renders (shapes) for zero-shot and retrieval
     eval_seed: int = 1_000_003  # shapes seed of the held-out renders (no training set uses it)
     eval_shapes: ShapesEval = "auto"  # auto: when the folder has attributes.parquet
+    eval_captions_per_combo: int = 4  # prompt ensemble size per attribute tuple (zero-shot)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
