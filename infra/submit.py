@@ -14,6 +14,7 @@ import asyncio
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +34,7 @@ EXCLUDES = [
     ".ruff_cache",
 ]
 TERMINAL = {"SUCCEEDED", "STOPPED", "FAILED"}
+AGENT_WAIT_S = 90.0  # a freshly started head answers "No available agent" for a while
 
 
 def job_entrypoint(command: list[str]) -> str:
@@ -79,6 +81,29 @@ def client(address: str):  # -> JobSubmissionClient
         raise UserError(f"cannot use the Ray job API at {address}: {msg}") from None
 
 
+def submit_when_ready(c, entrypoint: str, wait_s: float = AGENT_WAIT_S) -> str:
+    """Submit, retrying while the head's job agent is still starting (transient 500)."""
+    from unclip.errors import UserError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return c.submit_job(
+                entrypoint=entrypoint,
+                runtime_env=runtime_env(),
+                metadata={"unclip_command": entrypoint},
+            )
+        except RuntimeError as e:
+            if "No available agent" not in str(e):
+                raise
+            if time.monotonic() > deadline:
+                raise UserError(
+                    f"the head's job agent did not become available in {wait_s:.0f}s; "
+                    "check `ray status` on the head and its dashboard_agent log"
+                ) from None
+            time.sleep(2.0)
+
+
 async def _follow(c, job_id: str) -> None:
     async for lines in c.tail_job_logs(job_id):
         sys.stdout.write(lines)
@@ -88,11 +113,7 @@ async def _follow(c, job_id: str) -> None:
 def run(args: argparse.Namespace) -> int:
     entrypoint = job_entrypoint(list(args.rest))
     c = client(args.address)
-    job_id = c.submit_job(
-        entrypoint=entrypoint,
-        runtime_env=runtime_env(),
-        metadata={"unclip_command": entrypoint},
-    )
+    job_id = submit_when_ready(c, entrypoint)
     print(f"submitted {job_id}: {entrypoint}")
     print(f"follow with: ray job logs --address {args.address} --follow {job_id}")
     if args.no_wait:

@@ -101,6 +101,11 @@ def stages(w: Path, p: DemoPreset, gpu: bool) -> list[Stage]:
             [w / "embeddings"],
         ),
         Stage("prior", train("prior", w / "embeddings"), [w / "prior" / "model.safetensors"]),
+        Stage(
+            "ar_prior",
+            train("ar_prior", w / "embeddings"),
+            [w / "ar_prior" / "model.safetensors"],
+        ),
         Stage("decoder", train("decoder", w / "embeddings"), [w / "decoder" / "model.safetensors"]),
         Stage(
             "upsampler",
@@ -163,7 +168,10 @@ def _evaluate(w: Path, p: DemoPreset) -> None:
     from pipelines.evaluate import EvalConfig, evaluate, markdown_table
 
     cfg = EvalConfig(
-        n=p.eval_n, decoder_steps=p.eval_decoder_steps, upsampler_steps=p.eval_upsampler_steps
+        n=p.eval_n,
+        decoder_steps=p.eval_decoder_steps,
+        upsampler_steps=p.eval_upsampler_steps,
+        ar_prior=str(w / "ar_prior"),
     )
     report = evaluate(str(w / "bundle"), str(w / "embeddings"), str(w / "eval"), cfg, preset=p.name)
     shutil.copy(w / "eval" / "eval.json", w / "eval.json")
@@ -257,7 +265,10 @@ def run(args: argparse.Namespace) -> int:
     if not ray.is_initialized():
         from ray.serve._private.constants import SERVE_NAMESPACE
 
-        ray.init(namespace=SERVE_NAMESPACE, include_dashboard=False, configure_logging=False)
+        # with the dashboard: Ray Train's placement-group cleaner polls the state API
+        ctx = ray.init(namespace=SERVE_NAMESPACE, configure_logging=False)
+        if ctx.dashboard_url:
+            print(f"Ray dashboard: http://{ctx.dashboard_url} (token: `ray get-auth-token`)")
     all_stages = stages(w, p, args.gpu)
     seconds: dict[str, float] = {}
     rerun = False

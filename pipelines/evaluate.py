@@ -32,7 +32,8 @@ import torch
 from unclip import fs
 from unclip.conditioning import TextCond
 from unclip.metrics import clip_score, frechet_distance, retrieval_top1
-from unclip.schema import check_clip, read_table_info
+from unclip.pipeline import needs_text_states
+from unclip.schema import DataError, check_clip, read_table_info
 from unclip.split import is_heldout
 
 METHODS = ("diffusion_prior", "ar_prior", "no_prior", "ground_truth", "random")
@@ -42,7 +43,7 @@ ORACLE_KEYS = ("colour", "shape", "size", "position", "all")
 @dataclass(frozen=True)
 class EvalConfig:
     n: int = 64  # held-out captions
-    methods: tuple[str, ...] = ("diffusion_prior", "no_prior", "ground_truth", "random")
+    methods: tuple[str, ...] = METHODS  # ar_prior only when a checkpoint is given
     batch_size: int = 16
     seed: int = 0
     grid_captions: int = 8
@@ -98,7 +99,12 @@ def load_heldout(data: str, n: int, attributes: str = "") -> pa.Table:
     if attr_uri and fs.exists(attr_uri):
         pafs, path = fs.pyarrow_fs(attr_uri)
         attrs = pq.read_table(path, filesystem=pafs).drop_columns(["caption"])
-        table = table.join(attrs, "id", join_type="left outer").sort_by("id")
+        where = {row_id: i for i, row_id in enumerate(attrs.column("id").to_pylist())}
+        rows = pa.array([where.get(i) for i in table.column("id").to_pylist()], pa.int64())
+        picked = attrs.take(rows)  # null index -> null row (ids the attributes lack)
+        for name in picked.column_names:
+            if name != "id":
+                table = table.append_column(name, picked.column(name))
     return table
 
 
@@ -127,6 +133,11 @@ class EvalWorker:
             decoder_guidance_scale=config.decoder_guidance_scale,
         )
         self.ar = load_stage(config.ar_prior) if config.ar_prior else None
+        self.with_states = self.pipe.with_states or (
+            self.ar is not None and needs_text_states(self.ar)
+        )
+        if self.ar is not None:
+            _check_same_clip(self.ar.config.clip.fingerprint, self.pipe.clip, config.ar_prior)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from unclip.pipeline import (
@@ -141,9 +152,7 @@ class EvalWorker:
         seeds = [
             self.cfg.seed * 1_000_003 + int(i.encode().hex()[-12:], 16) % 1_000_003 for i in ids
         ]
-        text = encode_prompts(
-            self.pipe.clip, [str(c) for c in batch["caption"]], self.pipe.with_states
-        )
+        text = encode_prompts(self.pipe.clip, [str(c) for c in batch["caption"]], self.with_states)
         out: dict[str, list[Any]] = {
             k: [] for k in ("id", "method", "png", "gen_emb", "text_emb", "real_emb", "scores")
         }
@@ -187,6 +196,14 @@ class EvalWorker:
             z = torch.cat([torch.randn(1, text.emb.shape[1], generator=g) for g in gens])
             return torch.nn.functional.normalize(z, dim=-1)
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+
+
+def _check_same_clip(fingerprint: str, clip: Any, where: str) -> None:
+    if fingerprint and fingerprint != clip.identity.fingerprint:
+        raise DataError(
+            f"{where} was trained on embeddings of another CLIP (fingerprint {fingerprint}) "
+            f"than the bundle's ({clip.identity.fingerprint}); train it on the same table"
+        )
 
 
 def _oracle(pixels: np.ndarray, batch: dict[str, np.ndarray], j: int) -> dict[str, bool] | None:
@@ -321,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
-    cfg = EvalConfig(n=args.n or EvalConfig.n)
+    cfg = EvalConfig(n=args.n or EvalConfig.n, ar_prior=args.ar_prior or "")
     report = evaluate(args.bundle, args.data, args.out, cfg)
     print(markdown_table(report))
     print(f"wrote {fs.join(args.out, 'eval.json')}, eval.md, eval_grid.png")

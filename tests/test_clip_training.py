@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from training.clip import ClipJob, evaluate, fit, latest_checkpoint, load_train_state, plan, run
+from training.clip import ClipJob, evaluate, fit, plan, run
 from training.clip_data import list_pairs, read_folder, worker_batches
 from training.clip_eval import all_combinations, caption_retrieval, zero_shot
+from training.runs import latest_checkpoint
 from unclip import fs
+from unclip.checkpoint import load_train_state
 from unclip.clip import Clip
 from unclip.errors import UserError
 from unclip.schema import DataError

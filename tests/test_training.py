@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -33,6 +34,7 @@ from unclip.schema import DataError, read_table_info
 
 TINY = {
     "prior": {"net": {"width": 32, "layers": 1, "heads": 2}, "sample_steps": 4},
+    "ar_prior": {"net": {"width": 32, "layers": 1, "heads": 2, "bins": 16}},
     "decoder": {
         "net": {
             "image_size": 16,
@@ -268,6 +270,32 @@ def test_stepper_refuses_nan_data_without_touching_the_weights(data) -> None:
     assert not out.finite and state.step == 0 and state.ema.updates == 0
     assert all(torch.equal(v, before[k]) for k, v in state.model.state_dict().items())
     assert stepper({"text_emb": emb, "image_emb": emb}, lr=1e-3).finite and state.step == 1
+
+
+def test_ar_prior_fits_its_codebook_on_training_rows_then_trains(
+    data, ray_session, tmp_path
+) -> None:
+    from unclip.ar_prior import ARPrior
+
+    job = plan(
+        "ar_prior", data["table"], str(tmp_path / "ar"), overrides=tiny("ar_prior"), workers=0
+    )
+    assert job.stage.net.embed_dim == 32 and job.stage.net.pca_dims == 32  # clamped to the CLIP
+    metrics = execute(job).metrics
+    assert metrics["codebook_cos"] > 0.95  # 32 of 32 components, 16 buckets: near lossless
+    assert -1 <= metrics["heldout_cos"] <= 1 and -1 <= metrics["baseline_cos"] <= 1
+    model = load_stage(str(tmp_path / "ar"))
+    assert isinstance(model, ARPrior) and bool(model.fitted)
+    # the EMA restarted after fitting: the saved basis is the fitted one, not a blend with 0
+    rows = torch.tensor(
+        np.stack(pq.read_table(data["table"]).column("image_emb").to_pylist())
+    ).float()
+    rows = rows[~torch.from_numpy(heldout_mask(ids_of(data["table"]), 0.2))]
+    assert torch.allclose(model.pca_mean, rows.mean(0), atol=1e-5)
+
+
+def ids_of(table: str) -> list[str]:
+    return pq.read_table(table, columns=["id"]).column("id").to_pylist()
 
 
 def test_cli_trains_the_prior_into_the_design_checkpoint(data, ray_session, tmp_path, capsys):

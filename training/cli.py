@@ -23,7 +23,6 @@ import importlib
 import json
 import os
 import posixpath
-import re
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -39,15 +38,23 @@ from training.presets import (
     train_config_from_dict,
     with_steps,
 )
+from training.runs import latest_checkpoint
 from training.stages import stage_for
 from unclip import fs
-from unclip.config import ClipRef, PriorConfig, StageConfig, UpsamplerConfig, to_dict
+from unclip.config import (
+    ARPriorConfig,
+    ARPriorNetConfig,
+    ClipRef,
+    PriorConfig,
+    StageConfig,
+    UpsamplerConfig,
+    to_dict,
+)
 from unclip.errors import UserError
 from unclip.schema import DataError, TableInfo, check_clip, read_table_info
 
 RUN_SUFFIX = ".run"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run
-_CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{8})$")
 
 
 @dataclass(frozen=True)
@@ -186,12 +193,15 @@ def _bind_clip(cfg: StageConfig, info: TableInfo, explicit: set[str] | None) -> 
     def given(key: str) -> bool:
         return explicit is None or key in explicit
 
-    dim_attr = "embed_dim" if isinstance(cfg, PriorConfig) else "clip_dim"
+    dim_attr = "embed_dim" if isinstance(cfg, PriorConfig | ARPriorConfig) else "clip_dim"
     net = cfg.net
     if given(f"net.{dim_attr}"):
         check_clip(info, embed_dim=getattr(net, dim_attr), what=f"the {cfg.stage} config")
     else:
-        net = replace(net, **{dim_attr: ref.embed_dim})
+        fit: dict[str, int] = {dim_attr: ref.embed_dim}
+        if isinstance(net, ARPriorNetConfig) and not given("net.pca_dims"):
+            fit["pca_dims"] = min(net.pca_dims, ref.embed_dim)  # a smaller CLIP keeps fewer
+        net = replace(net, **fit)
     if net.text_width:
         if given("net.text_width"):
             if net.text_width != ref.text_width:
@@ -228,18 +238,6 @@ def run_location(out: str, storage: str | None) -> tuple[str, str]:
     else:
         parent_uri, base = os.path.split(os.path.abspath(out))
     return (storage.rstrip("/") if storage else parent_uri), base + RUN_SUFFIX
-
-
-def latest_checkpoint(run_dir: str) -> tuple[int, str] | None:
-    """(step, URI) of the newest complete checkpoint of a run, or None."""
-    if not fs.exists(run_dir):
-        return None
-    steps = [int(m.group(1)) for m in map(_CHECKPOINT_RE.match, fs.listdir(run_dir)) if m]
-    for step in sorted(steps, reverse=True):
-        uri = fs.join(run_dir, f"checkpoint_{step:08d}")
-        if fs.exists(fs.join(uri, "config.json")):
-            return step, uri
-    return None
 
 
 def describe(job: TrainJob) -> None:
@@ -281,7 +279,9 @@ def execute(job: TrainJob) -> TrainOutcome:
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
     storage_fs, storage_path = fs.pyarrow_fs(job.storage)
     fs.makedirs(job.run_dir)
-    loop = LoopConfig(job.stage, job.run, job.run_dir, local_mode=job.workers == 0)
+    loop = LoopConfig(
+        job.stage, job.run, job.run_dir, local_mode=job.workers == 0, data_files=job.table.files
+    )
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop.to_dict(),

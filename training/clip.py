@@ -30,7 +30,6 @@ import io
 import json
 import os
 import posixpath
-import re
 import shutil
 import sys
 import tempfile
@@ -57,7 +56,9 @@ from training.clip_presets import (
     resolve,
 )
 from training.clip_steps import build_clip, lr_at, make_optimizer, restore, train_state, train_step
+from training.runs import checkpoint_dir_name, latest_checkpoint, restored_train_state
 from unclip import fs
+from unclip.checkpoint import TRAIN_STATE
 from unclip.clip import OPENAI_MEAN, OPENAI_STD, Clip, save_clip_checkpoint
 from unclip.config import ConfigError
 from unclip.errors import UserError
@@ -65,21 +66,15 @@ from unclip.schema import DataError
 from unclip.split import HELDOUT_FRACTION
 
 RUN_SUFFIX = ".run"
-TRAIN_STATE = "train_state.pt"
 METRICS = "metrics.json"
 SHAPES_MARKER = "attributes.parquet"  # written by `unclip shapes` beside the images
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run
-_CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{8})$")
 
 
 def say(message: str) -> None:
     """One progress line on stdout (Ray Train V2 would log a ``print`` twice)."""
     sys.stdout.write(message + "\n")
     sys.stdout.flush()
-
-
-def checkpoint_dir_name(step: int) -> str:
-    return f"checkpoint_{step:08d}"
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -102,15 +97,6 @@ def write_checkpoint(
     buf = io.BytesIO()
     torch.save(train_state(model, optimizer, step), buf)
     fs.write_bytes(fs.join(directory, TRAIN_STATE), buf.getvalue())
-
-
-def load_train_state(directory: str) -> dict[str, Any]:
-    """Never unpickles code: tensors and plain containers only."""
-    return torch.load(
-        io.BytesIO(fs.read_bytes(fs.join(directory, TRAIN_STATE))),
-        map_location="cpu",
-        weights_only=True,
-    )
 
 
 # ---------------------------------------------------------------------- the worker loop
@@ -138,10 +124,9 @@ def train_loop(config: dict[str, Any]) -> None:
     model = build_clip(cfg.model).to(device)
     optimizer = make_optimizer(model, cfg)
     start = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            start = restore(model, optimizer, load_train_state(d))
+    saved = restored_train_state(config.get("run_dir"))
+    if saved is not None:
+        start = restore(model, optimizer, saved)
         if rank == 0:
             say(f"[clip] resumed from step {start}")
     if world > 1:
@@ -257,21 +242,6 @@ def run_location(out: str, storage: str | None) -> tuple[str, str]:
     return (storage or parent).rstrip("/"), base + RUN_SUFFIX
 
 
-def latest_checkpoint(run_dir: str) -> tuple[int, str] | None:
-    """(step, URI) of the newest complete checkpoint of a run, or None."""
-    if not fs.exists(run_dir):
-        return None
-    steps = [
-        (int(m.group(1)), fs.join(run_dir, name))
-        for name in fs.listdir(run_dir)
-        if (m := _CHECKPOINT_RE.match(name))
-    ]
-    for step, uri in sorted(steps, reverse=True):
-        if fs.exists(fs.join(uri, "config.json")) and fs.exists(fs.join(uri, TRAIN_STATE)):
-            return step, uri
-    return None
-
-
 def plan(
     data: str,
     out: str,
@@ -331,7 +301,7 @@ def fit(job: ClipJob, train: ImageTextData) -> tuple[int, dict[str, Any]]:
         local_dir = tempfile.mkdtemp(prefix="unclip-clip-")
         loop_config.update(data=arrays, local_dir=local_dir)
     else:
-        loop_config["data"] = ray.put(arrays)
+        loop_config.update(data=ray.put(arrays), run_dir=job.run_dir)
     storage_fs, storage_path = storage_filesystem(job.storage)
     resources = {"CPU": job.train.cpus_per_worker, **({"GPU": 1} if job.gpu else {})}
     trainer = TorchTrainer(

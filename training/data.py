@@ -84,6 +84,27 @@ def _embeddings(table: pa.Table, name: str) -> np.ndarray:
     return flat.reshape(len(col), col.type.list_size).astype(np.float32, copy=False)
 
 
+def train_embeddings(
+    files: Sequence[str], max_rows: int, fraction: float = HELDOUT_FRACTION
+) -> tuple[np.ndarray, np.ndarray]:
+    """(image_emb, text_emb) of the first ``max_rows`` training rows (file order), read
+    straight from Parquet: the same rows on every worker, held-out rows excluded."""
+    images, texts, n = [], [], 0
+    for uri in files:
+        pafs, path = fs.pyarrow_fs(uri)
+        table = pq.read_table(path, columns=["id", "image_emb", "text_emb"], filesystem=pafs)
+        keep = ~heldout_mask(table.column("id").to_pylist(), fraction)
+        table = table.filter(pa.array(keep))
+        images.append(_embeddings(table, "image_emb"))
+        texts.append(_embeddings(table, "text_emb"))
+        n += table.num_rows
+        if n >= max_rows:
+            break
+    if not n:
+        raise DataError("the table has no training rows")
+    return np.concatenate(images)[:max_rows], np.concatenate(texts)[:max_rows]
+
+
 def _tokens(table: pa.Table, length: int) -> np.ndarray:
     out = np.zeros((table.num_rows, length), dtype=np.int32)
     for i, row in enumerate(table.column("text_tokens").to_pylist()):

@@ -40,9 +40,10 @@ import torch
 from torch import nn
 
 from training.presets import Amp, TrainConfig, train_config_from_dict, train_config_to_dict
+from training.runs import checkpoint_dir_name, restored_train_state
 from training.stages import Batch, Stage, stage_for
 from unclip import fs
-from unclip.checkpoint import load_train_state, save_stage
+from unclip.checkpoint import save_stage
 from unclip.clip import Clip
 from unclip.config import OptimConfig, StageConfig, stage_config_from_dict, to_dict
 from unclip.ema import EMA
@@ -62,10 +63,6 @@ def say(message: str) -> None:
     sys.stdout.flush()
 
 
-def checkpoint_dir_name(step: int) -> str:
-    return f"checkpoint_{step:08d}"
-
-
 @dataclass(frozen=True)
 class LoopConfig:
     """What the driver hands every worker (as a plain dict: ``to_dict`` / ``from_dict``)."""
@@ -74,6 +71,7 @@ class LoopConfig:
     run: TrainConfig
     run_dir: str  # URI of the run directory (metrics, sample grids; Ray's checkpoints)
     local_mode: bool = False  # ScalingConfig(num_workers=0): in-process, nothing persisted
+    data_files: tuple[str, ...] = ()  # the table's Parquet files (for Stage.prepare)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +79,7 @@ class LoopConfig:
             "run": train_config_to_dict(self.run),
             "run_dir": self.run_dir,
             "local_mode": self.local_mode,
+            "data_files": list(self.data_files),
         }
 
     @classmethod
@@ -90,6 +89,7 @@ class LoopConfig:
             train_config_from_dict(d["run"]),
             d["run_dir"],
             bool(d.get("local_mode", False)),
+            tuple(d.get("data_files", ())),
         )
 
 
@@ -332,14 +332,13 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     amp = run.amp if device.type == "cuda" else "none"
     state = new_state(cfg, device, amp)
     model = state.model
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            saved = load_train_state(d)
-        if saved is None:
-            raise DataError(f"checkpoint {checkpoint.path} has no train_state.pt")
+    saved = restored_train_state(None if job.local_mode else job.run_dir)
+    if saved is not None:
         state.load(saved, rank)
     start = state.step
+    if not start and stage.prepare(model, job.data_files, run.heldout_fraction):
+        o = cfg.optim  # fitted buffers changed: the average starts from them
+        state.ema = EMA(model, o.ema_decay, o.ema_warmup)
     ddp = ray.train.torch.prepare_model(model)
 
     clip = load_clip(stage, device) if stage.needs_clip() else None

@@ -21,10 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.data import StageColumns
+from training.data import StageColumns, train_embeddings
+from unclip.ar_prior import ARPrior
 from unclip.clip import Clip
 from unclip.conditioning import TextCond
-from unclip.config import ClipRef, DecoderConfig, PriorConfig, StageConfig, UpsamplerConfig
+from unclip.config import (
+    ARPriorConfig,
+    ClipRef,
+    DecoderConfig,
+    PriorConfig,
+    StageConfig,
+    UpsamplerConfig,
+)
 from unclip.decoder import Decoder
 from unclip.degrade import resize
 from unclip.pipeline import grid, to_uint8
@@ -93,6 +101,11 @@ class Stage:
             _, states, mask = clip.encode_text_states(tokens)
         return TextCond(emb, None if states is None else states.to(emb.device), mask.to(emb.device))
 
+    def prepare(self, model: nn.Module, data_files: tuple[str, ...], heldout: float) -> bool:
+        """Before step 1 of a new run: fit what is fitted from data, not learned (the AR
+        prior's PCA codebook). Returns whether the model changed (the EMA restarts)."""
+        return False
+
     def loss(self, model: nn.Module, batch: Batch, text: TextCond | None) -> Tensor:
         """Scalar training loss; ``model`` may be DDP-wrapped (call it, not its methods)."""
         raise NotImplementedError
@@ -118,7 +131,7 @@ class PriorStage(Stage):
     def evaluate(
         self, model: nn.Module, heldout: Batch, clip: Clip | None, n_images: int
     ) -> EvalResult:
-        assert isinstance(model, DiffusionPrior)
+        assert isinstance(model, DiffusionPrior | ARPrior)
         text = self.text_cond(heldout, clip)
         assert text is not None
         true = heldout["image_emb"].float()
@@ -130,6 +143,34 @@ class PriorStage(Stage):
                 "heldout_rows": float(true.shape[0]),
             }
         )
+
+
+class ARPriorStage(PriorStage):
+    """The autoregressive prior: same data and metric as the diffusion prior; its PCA basis
+    and bucket ranges are fitted on training embeddings before the first step."""
+
+    config: ARPriorConfig  # type: ignore[assignment]
+    fit_rows: int = 20_000
+
+    def prepare(self, model: nn.Module, data_files: tuple[str, ...], heldout: float) -> bool:
+        assert isinstance(model, ARPrior)
+        image_emb, text_emb = train_embeddings(data_files, self.fit_rows, heldout)
+        device = model.pca_mean.device
+        explained = model.fit(
+            torch.from_numpy(image_emb).to(device), torch.from_numpy(text_emb).to(device)
+        )
+        self.explained_variance = explained
+        return True
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: nn.Module, heldout: Batch, clip: Clip | None, n_images: int
+    ) -> EvalResult:
+        assert isinstance(model, ARPrior)
+        out = super().evaluate(model, heldout, clip, n_images)
+        true = heldout["image_emb"].float()
+        out.metrics["codebook_cos"] = mean_cosine(model.decode(model.encode(true)), true)
+        return out
 
 
 class DecoderStage(Stage):
@@ -196,6 +237,8 @@ def stage_for(config: StageConfig) -> Stage:
     """The stage pieces for a stage config."""
     if isinstance(config, PriorConfig):
         return PriorStage(config)
+    if isinstance(config, ARPriorConfig):
+        return ARPriorStage(config)
     if isinstance(config, DecoderConfig):
         return DecoderStage(config)
     if isinstance(config, UpsamplerConfig):

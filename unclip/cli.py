@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     t = sub.add_parser("train", help="train a stage with Ray Train")
-    t.add_argument("stage", choices=["clip", "prior", "decoder", "upsampler"])
+    t.add_argument("stage", choices=["clip", "prior", "ar_prior", "decoder", "upsampler"])
     t.add_argument(
         "--data",
         required=True,
@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="embedding table with held-out rows")
     ev.add_argument("--out", required=True)
     ev.add_argument("--n", type=int, default=None, help="held-out captions to generate for")
+    ev.add_argument("--ar-prior", default=None, help="AR prior checkpoint: adds the ar_prior row")
 
     d = sub.add_parser("demo", help="the whole pipeline end to end on the embedded default")
     d.add_argument("--workdir", default="work/demo")
