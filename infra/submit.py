@@ -99,7 +99,8 @@ def submit_when_ready(c, entrypoint: str, wait_s: float = AGENT_WAIT_S) -> str:
             if time.monotonic() > deadline:
                 raise UserError(
                     f"the head's job agent did not become available in {wait_s:.0f}s; "
-                    "check `ray status` on the head and its dashboard_agent log"
+                    "check `ray status` on the head and its dashboard_agent log (another Ray on the same "
+                    "machine may hold the agent port: `ray start --dashboard-agent-listen-port=...`)"
                 ) from None
             time.sleep(2.0)
 

@@ -1,6 +1,6 @@
 """An isolated Ray head with token auth, for job-submission tests.
 
-Own HOME (its own ~/.ray/auth_token), own temp dir and ports; started with ``ray start
+Own HOME (its own ~/.ray/auth_token), own temp dir and ports (agent ports included); started with ``ray start
 --head --block`` in its own process group so SIGTERM stops exactly this cluster (``ray stop``
 would stop every Ray on the machine, including the test session's).
 """
@@ -70,6 +70,14 @@ def ray_head(root: Path, num_cpus: int = 1, timeout: float = 90.0) -> Iterator[H
             f"--dashboard-port={dash}",
             f"--temp-dir={temp_dir}",
             "--include-dashboard=true",
+            # its own agent ports: another Ray on this machine (the test session's) already
+            # holds the defaults, and a head whose agent cannot bind answers job submissions
+            # with "No available agent to submit job"
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
         ],
         env=env,
         stdout=log,
