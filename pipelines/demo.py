@@ -265,6 +265,10 @@ def run(args: argparse.Namespace) -> int:
     if not ray.is_initialized():
         from ray.serve._private.constants import SERVE_NAMESPACE
 
+        from serving.cli import set_serve_env_defaults
+
+        set_serve_env_defaults()
+
         # with the dashboard: Ray Train's placement-group cleaner polls the state API
         ctx = ray.init(namespace=SERVE_NAMESPACE, configure_logging=False)
         if ctx.dashboard_url:

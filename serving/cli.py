@@ -159,6 +159,20 @@ def usage(url: str, api_key: bool) -> str:
     )
 
 
+# Serve gives a new HTTP proxy 5 s to report ready, then kills it; a loaded 2-core machine
+# (training beside it, CI) can take longer. Read by Serve's actors, so set before ray.init
+# starts the local cluster (workers inherit this environment).
+SERVE_ENV_DEFAULTS = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
+}
+
+
+def set_serve_env_defaults() -> None:
+    for key, value in SERVE_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
@@ -170,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
     api_key = os.environ.get(API_KEY_ENV) or None
     started_ray = not ray.is_initialized()
     if started_ray:
+        set_serve_env_defaults()
         if os.environ.get("RAY_ADDRESS"):
             ray.init(namespace=SERVE_NAMESPACE, log_to_driver=False)
         else:

@@ -25,6 +25,9 @@ def ray_session() -> Iterator[None]:
     import ray
 
     if not ray.is_initialized():
+        from serving.cli import set_serve_env_defaults
+
+        set_serve_env_defaults()
         ray.init(
             num_cpus=2,
             include_dashboard=False,

@@ -237,6 +237,8 @@ def test_upsampler_reports_psnr_beside_bicubic(data, ray_session, tmp_path) -> N
     )
     m = execute(job).metrics
     assert m["bicubic_psnr"] > 15 and math.isfinite(m["sample_psnr"])
+    assert m["clean_bicubic_psnr"] > m["bicubic_psnr"]  # the corruption costs bicubic PSNR
+    assert math.isfinite(m["clean_sample_psnr"])
     assert Image.open(m["samples_png"]).size == (4 * 32, 3 * 32)
 
 

@@ -117,7 +117,7 @@ def _prior(gpu: bool, name: str) -> PriorConfig:
 def _ar_prior(gpu: bool, name: str) -> ARPriorConfig:
     # The paper's AR prior (PCA 319 of 1024 dims, 1024 buckets) scaled to a 128-d CLIP:
     # 32 components keep most of the variance of the shapes embeddings at a sequence of 33
-    # tokens, which a CPU trains at ~0.1 s/step (batch 128, width 192, 3 layers).
+    # tokens, which a CPU trains at ~0.1 s/step (batch 128, width 128, 3 layers).
     tokens = gpu or name == "full"
     net = ARPriorNetConfig(
         embed_dim=_CLIP_DIM,
@@ -125,7 +125,7 @@ def _ar_prior(gpu: bool, name: str) -> ARPriorConfig:
         bins=256 if gpu else 64,
         text_width=_TEXT_WIDTH if tokens else 0,
         max_text_len=32 if gpu else 16,
-        width=512 if gpu else 192,
+        width=512 if gpu else 128,
         layers=12 if gpu else 3,
         heads=8 if gpu else 4,
     )
@@ -166,6 +166,10 @@ def _upsampler(gpu: bool, name: str) -> UpsamplerConfig:
         net=net,
         low_res_size=64 if gpu else 32,
         crop_size=64 if gpu else 32,  # train on crops; sample on the whole image
+        # x0-prediction of the residual over bicubic: at 300 steps (quick) PSNR on blurred
+        # 32 px inputs 39.3 dB vs bicubic 30.7 (clean inputs 33.6 vs 33.4); eps-prediction
+        # of the image itself left visible noise (10.3 dB) and v + min-SNR 32.5 at 700 steps
+        diffusion=DiffusionConfig(prediction="x0"),
         optim=OptimConfig(lr=1e-3, warmup_steps=100),
     )
 
@@ -191,7 +195,7 @@ _CPU_RUNS: dict[tuple[str, str], TrainConfig] = {
     ),
     # AR prior: ~0.1 s/step at batch 128 -> quick ~2 min, full ~7 min
     ("ar_prior", "quick"): TrainConfig(
-        steps=1200, batch_size=128, checkpoint_every=400, eval_every=600, log_every=100,
+        steps=1000, batch_size=128, checkpoint_every=400, eval_every=600, log_every=100,
         time_limit_minutes=3,
     ),
     ("ar_prior", "full"): TrainConfig(

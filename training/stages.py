@@ -9,7 +9,8 @@ batch becomes the stage model's loss inputs, and its evaluation on held-out rows
                embeddings below) and, with the CLIP at hand, cosine(CLIP(sample), true emb)
                beside cosine(CLIP(true image at the decoder's size), true emb)
     upsampler  a grid (bicubic / sample / truth) of held-out images downscaled to the
-               low-res size and upsampled, with PSNR vs the truth beside bicubic's PSNR
+               low-res size, corrupted as in training, and upsampled, with PSNR vs the
+               truth beside bicubic's PSNR; the same on uncorrupted inputs (clean_*)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from unclip.config import (
     UpsamplerConfig,
 )
 from unclip.decoder import Decoder
-from unclip.degrade import resize
+from unclip.degrade import degrade, resize
 from unclip.pipeline import grid, to_uint8
 from unclip.prior import DiffusionPrior
 from unclip.upsampler import Upsampler
@@ -224,13 +225,20 @@ class UpsamplerStage(Stage):
         cfg = self.config
         true = to_unit(heldout["image"][:n_images])
         low = resize(true, cfg.low_res_size, mode="bicubic")
-        bicubic = resize(low, cfg.net.image_size, mode="bicubic")
-        samples = model.sample(low, generator=torch.Generator().manual_seed(0))
-        n = true.shape[0]
-        return EvalResult(
-            {"sample_psnr": psnr(samples, true), "bicubic_psnr": psnr(bicubic, true)},
-            {"samples": grid(to_uint8(torch.cat([bicubic, samples, true])), n)},
+        # the train-time corruption (the decoder's outputs are soft), fixed for comparability
+        soft = degrade(
+            low, cfg.degradation, cfg.blur_sigma, cfg.blur_kernel, torch.Generator().manual_seed(0)
         )
+        out = EvalResult()
+        for name, inputs in (("", soft), ("clean_", low)):
+            bicubic = resize(inputs, cfg.net.image_size, mode="bicubic")
+            samples = model.sample(inputs, generator=torch.Generator().manual_seed(0))
+            out.metrics[f"{name}sample_psnr"] = psnr(samples, true)
+            out.metrics[f"{name}bicubic_psnr"] = psnr(bicubic, true)
+            if not name:
+                grid_rows = torch.cat([bicubic, samples, true])
+                out.images["samples"] = grid(to_uint8(grid_rows), true.shape[0])
+        return out
 
 
 def stage_for(config: StageConfig) -> Stage:

@@ -219,6 +219,7 @@ class UpsamplerConfig:
     blur_sigma: float = 0.6
     blur_kernel: int = 3
     crop_size: int = 0  # train on random crops of this size (0 = whole image)
+    residual: bool = True  # diffuse image - bicubic(low_res) instead of the image
     optim: OptimConfig = field(default_factory=OptimConfig)
     sample_steps: int = 27
     sample_eta: float = 0.0

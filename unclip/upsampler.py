@@ -3,7 +3,10 @@
 The network sees x_t concatenated with the bicubically upsampled low-res image. At train
 time the low-res image is made from the target and corrupted (``degradation``); optionally
 on random crops (PAPER.md: 1/4 of the target size), which the fully convolutional UNet
-(no attention) allows. No text, no guidance.
+(no attention) allows. No text, no guidance. With ``residual`` (the default) the diffusion runs on the residual
+``image - bicubic(low_res)``: the network only has to add the detail bicubic lacks, and an
+undertrained one degrades to bicubic rather than to noise (measured on shapes: see
+training/presets.py).
 """
 
 from __future__ import annotations
@@ -42,9 +45,10 @@ class Upsampler(nn.Module):
         low = resize(hi, size // self.factor, mode="bicubic")
         low = degrade(low, cfg.degradation, cfg.blur_sigma, cfg.blur_kernel)
         cond = self.condition(low, size)
+        target = hi - cond if cfg.residual else hi
         t = self.diffusion.sample_timesteps(hi.shape[0], hi.device)
         return self.diffusion.training_losses(
-            lambda x, ts: self.net(x, ts, low_res=cond), hi, t
+            lambda x, ts: self.net(x, ts, low_res=cond), target, t
         ).mean()
 
     @torch.no_grad()
@@ -65,7 +69,7 @@ class Upsampler(nn.Module):
             min(steps or cfg.sample_steps, self.diffusion.num_timesteps)
         )
         eta = cfg.sample_eta if eta is None else eta
-        return diffusion.ddim_sample_loop(
+        out = diffusion.ddim_sample_loop(
             lambda x, ts: self.net(x, ts, low_res=cond),
             cond.shape,
             eta=eta,
@@ -73,7 +77,8 @@ class Upsampler(nn.Module):
             generator=generator,
             device=low_res.device,
             progress=progress,
-        ).clamp(-1, 1)
+        )
+        return (cond + out if cfg.residual else out).clamp(-1, 1)
 
 
 def random_crop(images: Tensor, size: int) -> Tensor:
