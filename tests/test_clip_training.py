@@ -194,7 +194,7 @@ def test_local_mode_trains_and_checkpoint_loads_like_open_clip(
     keys = ("zero_shot", "zero_shot_marginal", "retrieval")
     for key in [*keys, *(k + "_upsampled" for k in keys)]:
         assert set(metrics[key]) == {"colour", "shape", "size", "position", "all"}
-    with pytest.raises(UserError, match="already holds a checkpoint"):
+    with pytest.raises(UserError, match="already holds a stage checkpoint"):
         run(args_for(shapes_dir, out, config=str(cfg_file), steps=3))
 
 

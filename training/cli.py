@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
-import posixpath
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -38,7 +36,7 @@ from training.presets import (
     train_config_from_dict,
     with_steps,
 )
-from training.runs import latest_checkpoint
+from training.runs import latest_checkpoint, refuse_existing_run, run_location
 from training.stages import stage_for
 from unclip import fs
 from unclip.config import (
@@ -52,9 +50,6 @@ from unclip.config import (
 )
 from unclip.errors import UserError
 from unclip.schema import DataError, TableInfo, check_clip, read_table_info
-
-RUN_SUFFIX = ".run"
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run
 
 
 @dataclass(frozen=True)
@@ -151,14 +146,7 @@ def plan(
         cfg = bind_to_table(cfg, info, explicit=None)
         return TrainJob(cfg, run_cfg, info, out, storage_uri, name, workers, gpu, step)
 
-    if latest is not None or fs.exists(fs.join(run_dir, RAY_SNAPSHOT)):
-        raise UserError(
-            f"a run already exists in {run_dir}"
-            + (f" (last checkpoint at step {latest[0]})" if latest else "")
-            + ": pass --resume to continue it, or remove that directory to start over"
-        )
-    if fs.exists(fs.join(out, "config.json")):
-        raise UserError(f"{out} already holds a stage checkpoint; choose another --out")
+    refuse_existing_run(run_dir, out, latest)
     where = config or "config"
     if overrides is None:
         overrides = load_config_file(config) if config else {}
@@ -224,20 +212,6 @@ def _bind_clip(cfg: StageConfig, info: TableInfo, explicit: set[str] | None) -> 
     check_clip(info, embed_dim=ref.embed_dim, fingerprint=cfg.clip.fingerprint or "")
     cfg = replace(cfg, net=net, clip=ClipRef(**to_dict(ref)))
     return cfg
-
-
-def run_location(out: str, storage: str | None) -> tuple[str, str]:
-    """(storage path URI, run name) for an output URI: ``<storage>/<basename(out)>.run``."""
-    out = out.rstrip("/")
-    if fs.is_remote(out):
-        scheme, rest = out.split("://", 1)
-        parent, base = posixpath.split(rest)
-        if not parent or not base:
-            raise UserError(f"--out {out!r} needs a key inside the bucket, e.g. {out}/prior")
-        parent_uri = f"{scheme}://{parent}"
-    else:
-        parent_uri, base = os.path.split(os.path.abspath(out))
-    return (storage.rstrip("/") if storage else parent_uri), base + RUN_SUFFIX
 
 
 def describe(job: TrainJob) -> None:

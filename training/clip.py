@@ -29,7 +29,6 @@ import argparse
 import io
 import json
 import os
-import posixpath
 import shutil
 import sys
 import tempfile
@@ -56,7 +55,13 @@ from training.clip_presets import (
     resolve,
 )
 from training.clip_steps import build_clip, lr_at, make_optimizer, restore, train_state, train_step
-from training.runs import checkpoint_dir_name, latest_checkpoint, restored_train_state
+from training.runs import (
+    checkpoint_dir_name,
+    latest_checkpoint,
+    refuse_existing_run,
+    restored_train_state,
+    run_location,
+)
 from unclip import fs
 from unclip.checkpoint import TRAIN_STATE
 from unclip.clip import OPENAI_MEAN, OPENAI_STD, Clip, save_clip_checkpoint
@@ -65,10 +70,8 @@ from unclip.errors import UserError
 from unclip.schema import DataError
 from unclip.split import HELDOUT_FRACTION
 
-RUN_SUFFIX = ".run"
 METRICS = "metrics.json"
 SHAPES_MARKER = "attributes.parquet"  # written by `unclip shapes` beside the images
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run
 
 
 def say(message: str) -> None:
@@ -234,14 +237,6 @@ class ClipJob:
         return fs.join(self.storage, self.name)
 
 
-def run_location(out: str, storage: str | None) -> tuple[str, str]:
-    """(storage URI, run name): runs live beside ``out`` unless told otherwise."""
-    out = out.rstrip("/")
-    base = posixpath.basename(out) if fs.is_remote(out) else os.path.basename(out)
-    parent = posixpath.dirname(out) if fs.is_remote(out) else os.path.dirname(os.path.abspath(out))
-    return (storage or parent).rstrip("/"), base + RUN_SUFFIX
-
-
 def plan(
     data: str,
     out: str,
@@ -273,14 +268,7 @@ def plan(
         if steps is not None:
             cfg = replace(cfg, steps=steps)
         return ClipJob(cfg, data, out, storage_uri, name, workers, gpu, step, preset_name)
-    if latest is not None or fs.exists(fs.join(run_dir, RAY_SNAPSHOT)):
-        raise UserError(
-            f"a run already exists in {run_dir}"
-            + (f" (last checkpoint at step {latest[0]})" if latest else "")
-            + ": pass --resume to continue it, or remove that directory to start over"
-        )
-    if fs.exists(fs.join(out, "config.json")):
-        raise UserError(f"{out} already holds a checkpoint; choose another --out")
+    refuse_existing_run(run_dir, out, latest)
     overrides = load_config_file(config) if isinstance(config, str) else (config or {})
     cfg = resolve(preset_name, overrides, steps)
     if workers > 1 and cfg.batch_size % workers:

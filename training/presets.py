@@ -184,23 +184,24 @@ _STAGE_BUILDERS = {
 # (stage, preset) -> run options on a 2-core CPU. Comments: measured seconds per step and
 # the resulting expected time (1 worker, 2 threads, machine otherwise idle).
 _CPU_RUNS: dict[tuple[str, str], TrainConfig] = {
-    # prior: ~0.05 s/step at batch 128 -> quick ~1.5 min, full ~8 min
+    # prior: 0.085 s/step at batch 128 (0.2 with 16 text tokens) -> quick ~1.5 min, full ~7
+    # (quick: held-out cosine 0.922 at 1000 steps, 0.918 at 1500; baseline 0.918)
     ("prior", "quick"): TrainConfig(
-        steps=1500, batch_size=128, checkpoint_every=500, eval_every=500, log_every=100,
-        time_limit_minutes=3,
+        steps=1000, batch_size=128, checkpoint_every=500, eval_every=500, log_every=100,
+        time_limit_minutes=2.5,
     ),
     ("prior", "full"): TrainConfig(
-        steps=4000, batch_size=128, checkpoint_every=1000, eval_every=2000, log_every=200,
-        time_limit_minutes=15,
+        steps=2000, batch_size=128, checkpoint_every=500, eval_every=1000, log_every=200,
+        time_limit_minutes=8,
     ),
-    # AR prior: ~0.1 s/step at batch 128 -> quick ~2 min, full ~7 min
+    # AR prior: 0.13 s/step at batch 128 -> quick ~2 min, full ~6 min (time limit)
     ("ar_prior", "quick"): TrainConfig(
-        steps=1000, batch_size=128, checkpoint_every=400, eval_every=600, log_every=100,
-        time_limit_minutes=3,
+        steps=1000, batch_size=128, checkpoint_every=500, eval_every=500, log_every=100,
+        time_limit_minutes=2.5,
     ),
     ("ar_prior", "full"): TrainConfig(
-        steps=4000, batch_size=128, checkpoint_every=1000, eval_every=2000, log_every=200,
-        time_limit_minutes=10,
+        steps=2500, batch_size=128, checkpoint_every=500, eval_every=1250, log_every=250,
+        time_limit_minutes=6,
     ),
     # decoder: ~0.3 s/step at batch 32 -> quick ~4.5 min, full ~30 min
     ("decoder", "quick"): TrainConfig(
@@ -209,16 +210,16 @@ _CPU_RUNS: dict[tuple[str, str], TrainConfig] = {
     ),
     ("decoder", "full"): TrainConfig(
         steps=6000, batch_size=32, checkpoint_every=1000, eval_every=2000, log_every=100,
-        time_limit_minutes=40,
+        time_limit_minutes=33,
     ),
-    # upsampler on 32 px crops: ~0.3 s/step at batch 32 -> quick ~1.5 min, full ~10 min
+    # upsampler on 32 px crops: ~0.3 s/step at batch 32 -> quick ~1.3 min, full ~5 min
     ("upsampler", "quick"): TrainConfig(
-        steps=300, batch_size=32, checkpoint_every=150, eval_every=300, log_every=50,
-        time_limit_minutes=3,
+        steps=250, batch_size=32, checkpoint_every=125, eval_every=250, log_every=50,
+        time_limit_minutes=2,
     ),
     ("upsampler", "full"): TrainConfig(
-        steps=2000, batch_size=32, checkpoint_every=500, eval_every=1000, log_every=100,
-        time_limit_minutes=15,
+        steps=1000, batch_size=32, checkpoint_every=500, eval_every=1000, log_every=100,
+        time_limit_minutes=6,
     ),
 }  # fmt: skip
 

@@ -9,14 +9,45 @@ back an older checkpoint (or none) although a complete newer one is already on s
 
 from __future__ import annotations
 
+import os
+import posixpath
 import re
 from typing import Any
 
 from unclip import fs
 from unclip.checkpoint import TRAIN_STATE, load_train_state
+from unclip.errors import UserError
 from unclip.schema import DataError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{8})$")
+RUN_SUFFIX = ".run"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run
+
+
+def run_location(out: str, storage: str | None) -> tuple[str, str]:
+    """(storage path URI, run name) for an output URI: ``<storage>/<basename(out)>.run``."""
+    out = out.rstrip("/")
+    if fs.is_remote(out):
+        scheme, rest = out.split("://", 1)
+        parent, base = posixpath.split(rest)
+        if not parent or not base:
+            raise UserError(f"--out {out!r} needs a key inside the bucket, e.g. {out}/prior")
+        parent_uri = f"{scheme}://{parent}"
+    else:
+        parent_uri, base = os.path.split(os.path.abspath(out))
+    return (storage.rstrip("/") if storage else parent_uri), base + RUN_SUFFIX
+
+
+def refuse_existing_run(run_dir: str, out: str, latest: tuple[int, str] | None) -> None:
+    """A new run must not clobber an earlier one or an existing checkpoint."""
+    if latest is not None or fs.exists(fs.join(run_dir, RAY_SNAPSHOT)):
+        raise UserError(
+            f"a run already exists in {run_dir}"
+            + (f" (last checkpoint at step {latest[0]})" if latest else "")
+            + ": pass --resume to continue it, or remove that directory to start over"
+        )
+    if fs.exists(fs.join(out, "config.json")):
+        raise UserError(f"{out} already holds a stage checkpoint; choose another --out")
 
 
 def checkpoint_dir_name(step: int) -> str:
