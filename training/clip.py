@@ -127,7 +127,7 @@ def train_loop(config: dict[str, Any]) -> None:
     model = build_clip(cfg.model).to(device)
     optimizer = make_optimizer(model, cfg)
     start = 0
-    saved = restored_train_state(config.get("run_dir"))
+    saved = restored_train_state(persisted=bool(config.get("persisted")))
     if saved is not None:
         start = restore(model, optimizer, saved)
         if rank == 0:
@@ -289,7 +289,7 @@ def fit(job: ClipJob, train: ImageTextData) -> tuple[int, dict[str, Any]]:
         local_dir = tempfile.mkdtemp(prefix="unclip-clip-")
         loop_config.update(data=arrays, local_dir=local_dir)
     else:
-        loop_config.update(data=ray.put(arrays), run_dir=job.run_dir)
+        loop_config.update(data=ray.put(arrays), persisted=True)
     storage_fs, storage_path = storage_filesystem(job.storage)
     resources = {"CPU": job.train.cpus_per_worker, **({"GPU": 1} if job.gpu else {})}
     trainer = TorchTrainer(

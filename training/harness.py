@@ -332,7 +332,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     amp = run.amp if device.type == "cuda" else "none"
     state = new_state(cfg, device, amp)
     model = state.model
-    saved = restored_train_state(None if job.local_mode else job.run_dir)
+    saved = restored_train_state(persisted=not job.local_mode)
     if saved is not None:
         state.load(saved, rank)
     start = state.step

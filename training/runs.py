@@ -66,11 +66,13 @@ def latest_checkpoint(run_dir: str) -> tuple[int, str] | None:
     return None
 
 
-def restored_train_state(run_dir: str | None) -> dict[str, Any] | None:
+def restored_train_state(persisted: bool) -> dict[str, Any] | None:
     """Inside a train loop: the state to continue from, or None for a fresh start.
 
-    Ray's checkpoint (after a worker failure or ``--resume``), unless ``run_dir`` (None in
-    local mode, which persists nothing) holds a complete newer one.
+    Ray's checkpoint (after a worker failure or ``--resume``), unless the run's storage holds
+    a complete newer one. ``persisted`` is False in local mode, which stores nothing. The
+    storage is read through Ray's own filesystem object (the driver's credentials), so a
+    worker needs no S3 settings of its own.
     """
     import ray.train
 
@@ -81,7 +83,31 @@ def restored_train_state(run_dir: str | None) -> dict[str, Any] | None:
             saved = load_train_state(d)
         if saved is None:
             raise DataError(f"checkpoint {checkpoint.path} has no {TRAIN_STATE}")
-    newest = latest_checkpoint(run_dir) if run_dir else None
+    newest = _newest_on_storage() if persisted else None
     if newest is not None and newest[0] > int((saved or {}).get("step", 0)):
-        saved = load_train_state(newest[1])
+        with newest[1].as_directory() as d:
+            saved = load_train_state(d)
     return saved
+
+
+def _newest_on_storage() -> tuple[int, Any] | None:
+    """(step, ray.train.Checkpoint) of the newest complete checkpoint in the run directory."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    fsys, root = storage.storage_filesystem, storage.experiment_fs_path
+    try:
+        infos = fsys.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return None  # unreadable storage: Ray's own checkpoint (if any) stands
+    found = []
+    for info in infos:
+        m = CHECKPOINT_RE.match(posixpath.basename(info.path))
+        if m and info.type == pafs.FileType.Directory:
+            found.append((int(m.group(1)), info.path))
+    for step, path in sorted(found, reverse=True):
+        files = fsys.get_file_info([f"{path}/config.json", f"{path}/{TRAIN_STATE}"])
+        if all(f.type == pafs.FileType.File for f in files):
+            return step, ray.train.Checkpoint(path, filesystem=fsys)
+    return None
