@@ -56,13 +56,28 @@ def checkpoint_dir_name(step: int) -> str:
 
 def latest_checkpoint(run_dir: str) -> tuple[int, str] | None:
     """(step, URI) of the newest complete checkpoint of a run, or None."""
-    if not fs.exists(run_dir):
-        return None
-    steps = [int(m.group(1)) for m in map(CHECKPOINT_RE.match, fs.listdir(run_dir)) if m]
-    for step in sorted(steps, reverse=True):
-        uri = fs.join(run_dir, checkpoint_dir_name(step))
-        if fs.exists(fs.join(uri, "config.json")) and fs.exists(fs.join(uri, TRAIN_STATE)):
-            return step, uri
+    fsys, root = fs.pyarrow_fs(run_dir)
+    found = _newest(fsys, root)
+    return None if found is None else (found[0], fs.join(run_dir, checkpoint_dir_name(found[0])))
+
+
+def _newest(fsys: Any, root: str) -> tuple[int, str] | None:
+    """(step, path on ``fsys``) of the newest checkpoint directory holding both files."""
+    import pyarrow.fs as pafs
+
+    try:
+        infos = fsys.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return None  # unreadable storage: no checkpoint to offer
+    found = []
+    for info in infos:
+        m = CHECKPOINT_RE.match(posixpath.basename(info.path))
+        if m and info.type == pafs.FileType.Directory:
+            found.append((int(m.group(1)), info.path))
+    for step, path in sorted(found, reverse=True):
+        files = fsys.get_file_info([f"{path}/config.json", f"{path}/{TRAIN_STATE}"])
+        if all(f.type == pafs.FileType.File for f in files):
+            return step, path
     return None
 
 
@@ -92,22 +107,9 @@ def restored_train_state(persisted: bool) -> dict[str, Any] | None:
 
 def _newest_on_storage() -> tuple[int, Any] | None:
     """(step, ray.train.Checkpoint) of the newest complete checkpoint in the run directory."""
-    import pyarrow.fs as pafs
     import ray.train
 
     storage = ray.train.get_context().get_storage()
-    fsys, root = storage.storage_filesystem, storage.experiment_fs_path
-    try:
-        infos = fsys.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    except OSError:
-        return None  # unreadable storage: Ray's own checkpoint (if any) stands
-    found = []
-    for info in infos:
-        m = CHECKPOINT_RE.match(posixpath.basename(info.path))
-        if m and info.type == pafs.FileType.Directory:
-            found.append((int(m.group(1)), info.path))
-    for step, path in sorted(found, reverse=True):
-        files = fsys.get_file_info([f"{path}/config.json", f"{path}/{TRAIN_STATE}"])
-        if all(f.type == pafs.FileType.File for f in files):
-            return step, ray.train.Checkpoint(path, filesystem=fsys)
-    return None
+    fsys = storage.storage_filesystem
+    found = _newest(fsys, storage.experiment_fs_path)
+    return None if found is None else (found[0], ray.train.Checkpoint(found[1], filesystem=fsys))
