@@ -6,7 +6,8 @@ For each stage at its quick-preset size (CPU), on a synthetic table embedded wit
 CLIP of the embedded default's shape (embed 128, text width 128, context 32):
 
     plain   ``training.harness.Stepper`` on in-memory batches in this process (2 threads):
-            the same step code as the Ray loop, without Ray, Ray Data or DDP
+            the same step code as the Ray loop, without Ray, Ray Data or DDP; in fp32 and
+            with the autocast the Ray loop uses on this CPU (bf16 where it is native)
     ray x1  ``unclip train``'s path (plan + execute): TorchTrainer, 1 worker, 2 threads,
             data streamed from the Parquet table through Ray Data
     ray x2  2 workers (DDP over gloo), 1 thread each, the same per-worker batch
@@ -36,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.tables import write_table  # noqa: E402
 from training.cli import execute, plan  # noqa: E402
 from training.data import prepare_batch  # noqa: E402
-from training.harness import Stepper, lr_at, new_state  # noqa: E402
+from training.harness import Stepper, effective_amp, lr_at, new_state  # noqa: E402
 from training.stages import stage_for  # noqa: E402
 from unclip.clip import Clip, save_clip_checkpoint  # noqa: E402
 from unclip.schema import read_table_info  # noqa: E402
@@ -71,7 +72,7 @@ def run_options(stage: str, window: int, **extra) -> dict:
     }
 
 
-def plain(stage: str, table: str, window: int) -> list[float]:
+def plain(stage: str, table: str, window: int, amp: str = "none") -> list[float]:
     """Window times (s/step) of the Stepper on in-memory batches, no Ray."""
     job = plan(stage, table, tempfile.mkdtemp() + "/x", overrides=run_options(stage, window))
     cfg, run = job.stage, job.run
@@ -84,8 +85,8 @@ def plain(stage: str, table: str, window: int) -> list[float]:
     n = len(next(iter(data.values())))
     clip = Clip.load(cfg.clip.model) if spec.needs_clip() else None
     torch.set_num_threads(2)
-    state = new_state(cfg)
-    stepper = Stepper(spec, state.model, state, clip)
+    state = new_state(cfg, "cpu", amp)
+    stepper = Stepper(spec, state.model, state, clip, amp)
     g = torch.Generator().manual_seed(0)
     times, t = [], time.perf_counter()
     for step in range(1, run.steps + 1):
@@ -126,28 +127,31 @@ def main() -> None:
     table = make_table(root, args.rows)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    amp = effective_amp("bf16", torch.device("cpu"))  # what the Ray loop will use here
+    print(f"autocast on this CPU: {amp}", flush=True)
     rows = []
     for stage in args.stages.split(","):
-        base = statistics.median(plain(stage, table, args.window))
+        fp32 = statistics.median(plain(stage, table, args.window))
+        base = statistics.median(plain(stage, table, args.window, amp)) if amp != "none" else fp32
         one, batch = ray_train(stage, table, args.window, 1)
         two, _ = ray_train(stage, table, args.window, 2)
         r1, r2 = statistics.median(one), statistics.median(two)
-        rows.append((stage, batch, base, r1, r2))
+        rows.append((stage, batch, fp32, base, r1, r2))
         print(
-            f"{stage}: plain {base:.3f} s/step | ray x1 {r1:.3f} s/step "
-            f"(windows {', '.join(f'{x:.3f}' for x in one)}) | ray x2 {r2:.3f} s/step",
+            f"{stage}: plain fp32 {fp32:.3f} s/step | plain {amp} {base:.3f} | ray x1 {r1:.3f} "
+            f"s/step (windows {', '.join(f'{x:.3f}' for x in one)}) | ray x2 {r2:.3f} s/step",
             flush=True,
         )
     print(f"\nload average after: {os.getloadavg()}")
     print(
-        f"{'stage':<10}{'batch':>6}{'plain s/step':>14}{'ray x1':>9}{'ray x2':>9}"
-        f"{'x1/plain':>10}{'x2/x1 samples/s':>17}"
+        f"{'stage':<10}{'batch':>6}{'fp32 s/step':>12}{'plain':>8}{'ray x1':>8}{'ray x2':>8}"
+        f"{'plain/fp32':>11}{'x1/plain':>10}{'x2/x1 samples/s':>17}"
     )
-    for stage, batch, base, r1, r2 in rows:
+    for stage, batch, fp32, base, r1, r2 in rows:
         # ratios of throughput: > 1 means faster than the reference
         print(
-            f"{stage:<10}{batch:>6}{base:>14.3f}{r1:>9.3f}{r2:>9.3f}"
-            f"{base / r1:>10.2f}{(2 * batch / r2) / (batch / r1):>17.2f}"
+            f"{stage:<10}{batch:>6}{fp32:>12.3f}{base:>8.3f}{r1:>8.3f}{r2:>8.3f}"
+            f"{fp32 / base:>11.2f}{base / r1:>10.2f}{(2 * batch / r2) / (batch / r1):>17.2f}"
         )
     ray.shutdown()
 

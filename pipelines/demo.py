@@ -188,8 +188,9 @@ def _evaluate(w: Path, p: DemoPreset) -> None:
 
 
 def _serve_and_call(w: Path, port: int) -> str:
-    """Start Serve on the bundle, POST /v1/generate over HTTP, save the images."""
-    import urllib.request
+    """Start Serve on the bundle, POST /v1/generate over HTTP (all prompts at once, so Serve
+    batches them), save the images."""
+    from concurrent.futures import ThreadPoolExecutor
 
     from ray import serve
 
@@ -201,22 +202,30 @@ def _serve_and_call(w: Path, port: int) -> str:
     out = w / "samples"
     out.mkdir(parents=True, exist_ok=True)
     try:
-        for i, prompt in enumerate(PROMPTS):
-            body = json.dumps({"prompt": prompt, "num_images": 4, "seed": i}).encode()
-            req = urllib.request.Request(
-                f"{url}/v1/generate", data=body, headers={"Content-Type": "application/json"}
-            )
-            with urllib.request.urlopen(req, timeout=600) as resp:
-                reply = json.loads(resp.read())
-            for j, b64 in enumerate(reply["images"]):
-                (out / f"prompt{i}_{j}.png").write_bytes(base64.b64decode(b64))
-            print(
-                f"  /v1/generate {prompt!r}: {len(reply['images'])} images, "
-                f"timings {reply.get('timings')}"
-            )
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            replies = pool.map(lambda ip: _generate(url, *ip), enumerate(PROMPTS))
+            for i, (prompt, reply, seconds) in enumerate(replies):
+                for j, b64 in enumerate(reply["images"]):
+                    (out / f"prompt{i}_{j}.png").write_bytes(base64.b64decode(b64))
+                print(
+                    f"  /v1/generate {prompt!r}: {len(reply['images'])} images in "
+                    f"{seconds:.1f} s, timings {reply.get('timings')}"
+                )
     finally:
         serve.shutdown()
     return url
+
+
+def _generate(url: str, seed: int, prompt: str) -> tuple[str, dict, float]:
+    import urllib.request
+
+    body = json.dumps({"prompt": prompt, "num_images": 4, "seed": seed}).encode()
+    req = urllib.request.Request(
+        f"{url}/v1/generate", data=body, headers={"Content-Type": "application/json"}
+    )
+    t = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        return prompt, json.loads(resp.read()), time.perf_counter() - t
 
 
 def _report(w: Path, p: DemoPreset, seconds: dict[str, float], url: str) -> None:

@@ -22,7 +22,7 @@ from tests.tables import png, write_table
 from tests.tiny import save_tiny_clip
 from training.cli import bind_to_table, execute, latest_checkpoint, plan, run_location
 from training.data import StageColumns, heldout_mask, prepare_batch, table_clip
-from training.harness import Stepper, lr_at, new_state
+from training.harness import Stepper, effective_amp, lr_at, new_state
 from training.presets import TrainConfig, load_config_file, preset, resolve
 from training.stages import stage_for
 from unclip.checkpoint import load_stage, load_stage_config, load_train_state
@@ -173,6 +173,22 @@ def test_prior_never_reads_image_bytes(data, ray_session) -> None:
     assert "image" in stage_for(preset("decoder")[0]).columns().columns
 
 
+def test_heldout_rows_come_in_table_order_every_time(data, ray_session) -> None:
+    from training.cli import _in_file_order
+    from training.data import read_split
+
+    info = read_table_info(data["table"])
+    cols = StageColumns(("image_emb",))
+    # the reference: the held-out rows of each file, files in the table's order
+    want = np.concatenate(
+        [prepare_batch(pq.read_table(f), cols, "heldout", 0.2)["image_emb"] for f in info.files]
+    )
+    for _ in range(3):  # unordered execution would interleave blocks differently per run
+        ds = _in_file_order(read_split(info, cols, "heldout", 0.2))
+        got = np.concatenate([b["image_emb"] for b in ds.iter_batches(batch_format="numpy")])
+        assert np.array_equal(got, want)
+
+
 # ---------------------------------------------------------------------- checks before starting
 def test_refuses_a_table_from_another_clip(data, tmp_path) -> None:
     other = save_tiny_clip(str(tmp_path / "other"), seed=5)
@@ -272,6 +288,39 @@ def test_stepper_refuses_nan_data_without_touching_the_weights(data) -> None:
     assert not out.finite and state.step == 0 and state.ema.updates == 0
     assert all(torch.equal(v, before[k]) for k, v in state.model.state_dict().items())
     assert stepper({"text_emb": emb, "image_emb": emb}, lr=1e-3).finite and state.step == 1
+
+
+def test_cpu_autocast_is_bf16_only_where_native_and_learns(data, monkeypatch) -> None:
+    from training import harness
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert effective_amp("fp16", gpu) == "fp16" and effective_amp("none", gpu) == "none"
+    assert effective_amp("fp16", cpu) == "none" and effective_amp("none", cpu) == "none"
+    monkeypatch.setattr(harness, "cpu_has_native_bf16", lambda: False)
+    assert effective_amp("bf16", cpu) == "none"  # emulated bf16 is slower than fp32
+    monkeypatch.setattr(harness, "cpu_has_native_bf16", lambda: True)
+    assert effective_amp("bf16", cpu) == "bf16"
+
+    # bf16-autocast steps on CPU keep fp32 weights and follow the fp32 steps closely
+    cfg = plan("decoder", data["table"], "/nonexistent/d", overrides=tiny("decoder")).stage
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "image": torch.randint(0, 256, (8, 3, 16, 16), generator=g, dtype=torch.uint8),
+        "image_emb": torch.nn.functional.normalize(torch.randn(8, 32, generator=g), dim=-1),
+    }
+    runs = {}
+    for amp in ("none", "bf16"):
+        torch.manual_seed(0)  # same init, same timesteps and noise
+        state = new_state(cfg, "cpu", amp)
+        start = torch.nn.utils.parameters_to_vector(state.model.parameters()).clone()
+        stepper = Stepper(stage_for(cfg), state.model, state, amp=amp)
+        losses = [float(stepper(batch, lr=1e-3).loss) for _ in range(8)]
+        assert all(p.dtype == torch.float32 for p in state.model.parameters())
+        moved = torch.nn.utils.parameters_to_vector(state.model.parameters()) - start
+        runs[amp] = (np.array(losses), moved)
+    (l32, d32), (l16, d16) = runs["none"], runs["bf16"]
+    assert np.all(np.abs(l16 - l32) < 0.05 * l32 + 1e-3)
+    assert torch.nn.functional.cosine_similarity(d16, d32, dim=0) > 0.9
 
 
 def test_ar_prior_fits_its_codebook_on_training_rows_then_trains(

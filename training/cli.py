@@ -245,12 +245,13 @@ def execute(job: TrainJob) -> TrainOutcome:
     ray.data.DataContext.get_current().enable_progress_bars = False
     columns: StageColumns = stage.columns()
     frac = job.run.heldout_fraction
-    datasets = {
-        "train": read_split(job.table, columns, "train", frac),
-        "heldout": read_split(job.table, columns, "heldout", frac),
-    }
+    train = read_split(job.table, columns, "train", frac)
     if job.run.cache_data:  # decode once; later epochs read from the object store
-        datasets = {name: ds.materialize() for name, ds in datasets.items()}
+        train = train.materialize()
+    datasets = {
+        "train": train,
+        "heldout": _in_file_order(read_split(job.table, columns, "heldout", frac)),
+    }
     storage_fs, storage_path = fs.pyarrow_fs(job.storage)
     fs.makedirs(job.run_dir)
     loop = LoopConfig(
@@ -273,7 +274,8 @@ def execute(job: TrainJob) -> TrainOutcome:
             checkpoint_config=CheckpointConfig(num_to_keep=job.run.keep_checkpoints),
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # one worker reads the whole table itself: no split coordinator between it and the data
+        dataset_config=DataConfig(datasets_to_split=["train"] if job.workers > 1 else []),
     )
     t0 = time.perf_counter()
     try:
@@ -313,6 +315,13 @@ def copy_checkpoint(checkpoint: Any, out: str) -> None:
         source_filesystem=checkpoint.filesystem,
         destination_filesystem=dst_fs,
     )
+
+
+def _in_file_order(ds: Any) -> Any:
+    """The (small) dataset materialised in the table's row order: every run and every resume
+    evaluates on the same held-out rows and shows the same ones in its sample grids."""
+    ds.context.execution_options.preserve_order = True
+    return ds.materialize()
 
 
 def _worker_resources(job: TrainJob) -> dict[str, float] | None:

@@ -51,10 +51,10 @@ from training.clip_presets import (
     ClipTrainConfig,
     config_from_dict,
     config_to_dict,
-    load_config_file,
     resolve,
 )
 from training.clip_steps import build_clip, lr_at, make_optimizer, restore, train_state, train_step
+from training.presets import load_config_file
 from training.runs import (
     checkpoint_dir_name,
     latest_checkpoint,

@@ -21,11 +21,9 @@ position, which the ViT learns slowly. The step counts fit the time budgets with
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from unclip import fs
 from unclip.config import ConfigError, from_dict, merge, to_dict
 
 Vision = Literal["vit", "resnet"]
@@ -150,25 +148,6 @@ def preset(name: str) -> ClipTrainConfig:
     if name not in _PRESETS:
         raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
     return _PRESETS[name]
-
-
-def load_config_file(uri: str) -> dict[str, Any]:
-    """A YAML or JSON config file as a dict (a clear error for anything else)."""
-    text = fs.read_text(uri)
-    try:
-        if uri.endswith((".yaml", ".yml")):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as e:  # noqa: BLE001 - yaml and json raise different errors
-        raise ConfigError(f"{uri}: not valid YAML/JSON: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{uri}: expected a mapping of config keys, got {type(data).__name__}")
-    return data
 
 
 def resolve(

@@ -218,6 +218,7 @@ class UpsamplerConfig:
     degradation: Degradation = "blur"
     blur_sigma: float = 0.6
     blur_kernel: int = 3
+    blur_random: bool = False  # sigma ~ U(0, blur_sigma) per image instead of fixed
     crop_size: int = 0  # train on random crops of this size (0 = whole image)
     residual: bool = True  # diffuse image - bicubic(low_res) instead of the image
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -84,11 +84,19 @@ def degrade(
     blur_sigma: float = 0.6,
     blur_kernel: int = 3,
     generator: torch.Generator | None = None,
+    blur_random: bool = False,
 ) -> Tensor:
-    """Apply the named train-time corruption: ``none``, ``blur`` or ``bsr``."""
+    """Apply the named train-time corruption: ``none``, ``blur`` or ``bsr``.
+
+    ``blur_random``: each image gets its own sigma ~ U(0, blur_sigma), so the model also
+    sees sharp inputs (and learns not to over-sharpen them) instead of only one blur level.
+    """
     check_choice("degradation", kind, DEGRADATIONS)
     if kind == "none":
         return images
     if kind == "blur":
-        return gaussian_blur(images, blur_sigma, blur_kernel)
+        if not blur_random:
+            return gaussian_blur(images, blur_sigma, blur_kernel)
+        sigma = blur_sigma * torch.rand(images.shape[0], generator=generator)
+        return gaussian_blur(images, sigma.to(images.device), blur_kernel)
     return bsr_degrade(images, generator)

@@ -43,7 +43,9 @@ class Upsampler(nn.Module):
             hi = random_crop(hi, cfg.crop_size)
         size = hi.shape[-1]
         low = resize(hi, size // self.factor, mode="bicubic")
-        low = degrade(low, cfg.degradation, cfg.blur_sigma, cfg.blur_kernel)
+        low = degrade(
+            low, cfg.degradation, cfg.blur_sigma, cfg.blur_kernel, blur_random=cfg.blur_random
+        )
         cond = self.condition(low, size)
         target = hi - cond if cfg.residual else hi
         t = self.diffusion.sample_timesteps(hi.shape[0], hi.device)
