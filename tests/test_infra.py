@@ -29,3 +29,80 @@ def test_schema_validation_catches_a_broken_config() -> None:
     cfg["available_node_types"]["gpu_worker"]["max_workers"] = "four"
     with pytest.raises(Exception, match="four|not of type"):
         validate_config(prepare_config(cfg))
+
+
+# ---------------------------------------------------------------------- KubeRay manifests
+KUBERAY = "infra/kuberay"
+
+
+def _manifest(name: str) -> dict:
+    doc = load(f"{KUBERAY}/{name}")
+    assert doc["apiVersion"] == "ray.io/v1"
+    return doc
+
+
+def _cluster_specs(doc: dict) -> list[dict]:
+    spec = doc["spec"]
+    found = [spec] if doc["kind"] == "RayCluster" else []
+    found += [spec["rayClusterConfig"]] if "rayClusterConfig" in spec else []
+    found += [spec["jobTemplate"]["rayClusterSpec"]] if "jobTemplate" in spec else []
+    return found
+
+
+@pytest.mark.parametrize(
+    "name,kind",
+    [
+        ("raycluster.yaml", "RayCluster"),
+        ("rayjob-train.yaml", "RayJob"),
+        ("raycronjob-embed.yaml", "RayCronJob"),
+        ("rayservice.yaml", "RayService"),
+    ],
+)
+def test_kuberay_manifests_match_this_ray_and_keep_auth_on(name: str, kind: str) -> None:
+    import ray
+
+    doc = _manifest(name)
+    assert doc["kind"] == kind
+    for cluster in _cluster_specs(doc):
+        assert cluster["rayVersion"] == ray.__version__  # the image's Ray is the one we test
+        assert cluster["authOptions"] == {"mode": "token"}
+        groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        for group in groups:
+            for container in group["template"]["spec"]["containers"]:
+                assert container["image"].startswith("REGISTRY/unclip-ray:")
+        for group in cluster["workerGroupSpecs"]:
+            assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+
+@pytest.mark.parametrize(
+    "name,path",
+    [("rayjob-train.yaml", ("spec",)), ("raycronjob-embed.yaml", ("spec", "jobTemplate"))],
+)
+def test_kuberay_job_entrypoints_are_valid_unclip_commands(name: str, path: tuple) -> None:
+    import shlex
+
+    from unclip.cli import build_parser
+
+    spec = _manifest(name)
+    for key in path:
+        spec = spec[key]
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[0] == "unclip"
+    args = build_parser().parse_args(argv[1:])  # argparse exits on a flag that does not exist
+    assert args.command in ("train", "embed")
+
+
+def test_rayservice_serves_the_serving_config_with_its_bundle() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = _manifest("rayservice.yaml")
+    served = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(served)  # what KubeRay hands to Serve must be valid
+    local = load("serving/config.yaml")
+    assert served["http_options"]["host"] == "0.0.0.0"  # reachable through the pod's service
+    assert served["applications"][0]["args"]["bundle"].startswith("s3://")
+    # apart from the bundle and the host, the same application as `unclip serve` deploys
+    for cfg in (served, local):
+        cfg["http_options"].pop("host")
+        cfg["applications"][0]["args"].pop("bundle")
+    assert served == local
