@@ -31,7 +31,7 @@ import torch
 
 from unclip import fs
 from unclip.conditioning import TextCond
-from unclip.metrics import clip_score, frechet_distance, retrieval_top1
+from unclip.metrics import clip_score, frechet_distance, frechet_interval, retrieval_top1
 from unclip.pipeline import needs_text_states
 from unclip.schema import DataError, check_clip, read_table_info
 from unclip.split import is_heldout
@@ -64,6 +64,7 @@ class MethodResult:
     retrieval_top1: float
     fd: float
     n: int
+    fd_interval: tuple[float, float] | None = None  # 90% bootstrap interval of fd
 
 
 @dataclass
@@ -243,6 +244,7 @@ def summarise(
                 else float("nan"),
                 fd=frechet_distance(gen, real_emb) if n >= 2 else float("nan"),
                 n=n,
+                fd_interval=frechet_interval(gen, real_emb) if n >= 2 else None,
             )
         )
     return rows
@@ -250,16 +252,18 @@ def summarise(
 
 def markdown_table(report: EvalReport) -> str:
     lines = [
-        "| method | colour | shape | size | position | all | CLIP score | retrieval@10 | FD | n |",
+        "| method | colour | shape | size | position | all | CLIP score | retrieval@10 | FD (90% CI) "
+        "| n |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report.rows:
         o = r.oracle or {}
         cells = [f"{o[k]:.2f}" if k in o else "–" for k in ORACLE_KEYS]
+        ci = f" ({r.fd_interval[0]:.3f}–{r.fd_interval[1]:.3f})" if r.fd_interval else ""
         lines.append(
             f"| {r.method} | "
             + " | ".join(cells)
-            + f" | {r.clip_score:.3f} | {r.retrieval_top1:.2f} | {r.fd:.3f} | {r.n} |"
+            + f" | {r.clip_score:.3f} | {r.retrieval_top1:.2f} | {r.fd:.3f}{ci} | {r.n} |"
         )
     return "\n".join(lines)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unclip.metrics import clip_score, frechet_distance, retrieval_top1
+from unclip.metrics import clip_score, frechet_distance, frechet_interval, retrieval_top1
 
 
 def test_frechet_distance_closed_forms() -> None:
@@ -20,6 +20,23 @@ def test_frechet_distance_closed_forms() -> None:
     b = torch.randn(n, d, dtype=torch.float64) * 3.0
     assert frechet_distance(a, b) == pytest.approx(d * (3.0 - 1.0) ** 2, rel=0.03)
     assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-9)
+
+
+def test_frechet_interval_covers_the_truth_and_shrinks_with_n() -> None:
+    torch.manual_seed(0)
+    d = 4
+    real = torch.randn(20_000, d, dtype=torch.float64)
+    truth = 4.0 * d  # a shifted by 2 in every dimension
+    widths = []
+    for n in (60, 600):
+        gen = torch.randn(n, d, dtype=torch.float64) + 2.0
+        lo, hi = frechet_interval(gen, real, rounds=300)
+        assert lo <= frechet_distance(gen, real) <= hi
+        assert lo <= truth <= hi
+        widths.append(hi - lo)
+    assert widths[1] < 0.5 * widths[0]  # ~1/sqrt(n): 10x the samples, ~3x narrower
+    # resampling is seeded: the same inputs give the same interval
+    assert frechet_interval(gen, real, rounds=50) == frechet_interval(gen, real, rounds=50)
 
 
 def test_clip_score_and_retrieval() -> None:
