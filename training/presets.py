@@ -209,9 +209,9 @@ _CPU_RUNS: dict[tuple[str, str], TrainConfig] = {
         steps=2500, batch_size=128, checkpoint_every=500, eval_every=1250, log_every=250,
         time_limit_minutes=6,
     ),
-    # decoder: 0.25-0.30 s/step at batch 32 (fp32 0.36) -> quick ~5.5 min, full ~30 min
+    # decoder: 0.25-0.30 s/step at batch 32 (fp32 0.36) -> quick ~5 min, full ~30 min
     ("decoder", "quick"): TrainConfig(
-        steps=1200, batch_size=32, checkpoint_every=400, eval_every=600, log_every=50,
+        steps=1000, batch_size=32, checkpoint_every=500, eval_every=500, log_every=50,
         time_limit_minutes=7,
     ),
     ("decoder", "full"): TrainConfig(
