@@ -64,7 +64,7 @@ class MethodResult:
     retrieval_top1: float
     fd: float
     n: int
-    fd_interval: tuple[float, float] | None = None  # 90% bootstrap interval of fd
+    fd_interval: tuple[float, float] | None = None  # 90% jackknife interval of fd
 
 
 @dataclass
