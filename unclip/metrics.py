@@ -11,17 +11,28 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
 
     ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2}), the FID formula on CLIP
     embeddings. Tr((S_a S_b)^{1/2}) is computed stably as the sum of square roots of the
-    eigenvalues of S_a^{1/2} S_b S_a^{1/2} (symmetric PSD).
+    eigenvalues of S_b^{1/2} S_a S_b^{1/2} (symmetric PSD).
     """
-    a, b = a.double(), b.double()
     assert a.dim() == b.dim() == 2 and a.shape[1] == b.shape[1], (a.shape, b.shape)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = torch.cov(a.T), torch.cov(b.T)
-    w, v = torch.linalg.eigh(s_a)
-    sqrt_a = (v * w.clamp(min=0).sqrt()) @ v.T
-    m = sqrt_a @ s_b @ sqrt_a
-    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
-    return float((mu_a - mu_b).pow(2).sum() + s_a.trace() + s_b.trace() - 2 * tr_sqrt)
+    return _GaussianFit(b).distance(a)
+
+
+class _GaussianFit:
+    """Mean, covariance and covariance square root of one set, fitted once: the distance of
+    many other sets to it (the jackknife below) costs one eigendecomposition each."""
+
+    def __init__(self, x: Tensor) -> None:
+        x = x.double()
+        self.mu, self.cov = x.mean(0), torch.cov(x.T)
+        w, v = torch.linalg.eigh(self.cov)
+        self.sqrt = (v * w.clamp(min=0).sqrt()) @ v.T
+
+    def distance(self, a: Tensor) -> float:
+        a = a.double()
+        mu_a, s_a = a.mean(0), torch.cov(a.T)
+        m = self.sqrt @ s_a @ self.sqrt
+        tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+        return float((mu_a - self.mu).pow(2).sum() + s_a.trace() + self.cov.trace() - 2 * tr_sqrt)
 
 
 def frechet_interval(
@@ -35,15 +46,14 @@ def frechet_interval(
     not work here: resampling with replacement duplicates rows, which shrinks the sample
     covariance and shifts every resampled FD upwards, often past the estimate itself.)
     """
+    real = _GaussianFit(b)
     n = a.shape[0]
     g = max(2, min(groups, n))
     parts = torch.arange(n) % g
-    theta = torch.tensor(
-        [frechet_distance(a[parts != j], b) for j in range(g)], dtype=torch.float64
-    )
+    theta = torch.tensor([real.distance(a[parts != j]) for j in range(g)], dtype=torch.float64)
     se = float(((g - 1) / g * (theta - theta.mean()).pow(2).sum()).sqrt())
     z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + level / 2)))
-    fd = frechet_distance(a, b)
+    fd = real.distance(a)
     return max(0.0, fd - z * se), fd + z * se
 
 
