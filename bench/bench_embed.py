@@ -1,6 +1,6 @@
 """Embedding ETL throughput: the Ray Data pipeline vs a plain single-process PyTorch loop.
 
-    python bench/bench_embed.py [--n 3000] [--batch-size 128] [--repeats 3] [--cpus 2]
+    python bench/bench_embed.py [--n 20000] [--batch-size 128] [--repeats 3] [--cpus 2] [--cold]
 
 Both sides do the same work on the same generated folder of 64 px PNGs + captions with
 the same CLIP (the DESIGN.md small CLIP: embed 128, ViT 128 x 3 layers, patch 8 on 64 px,
@@ -13,6 +13,13 @@ start-up: worker processes and the actor loading the CLIP) and after the first c
 part (steady state), and their ratios. Run it on a quiet machine (check ``uptime``): on a
 busy one the wall-clock ratio means little, so it also prints the CPU milliseconds per row
 each side spends (all processes of the local Ray included), which do not depend on load.
+
+In that in-process comparison the plain loop has torch and open_clip imported already,
+while the pipeline's actor is a new process that imports them (about 4.5 s here) and loads
+the CLIP. ``--cold`` adds the comparison a user sees: each side as a fresh process from
+the command line to its exit, both paying their imports: ``python -c "...plain_loop(...)"``
+against ``unclip embed`` connected to the running Ray (as a scheduled job on a long-lived
+cluster is; its driver, its actor and its tasks all start anew).
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import logging
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -36,7 +45,7 @@ from PIL import Image, ImageDraw
 from pipelines import sources, table
 from pipelines.decode import decode_image, read_caption
 from unclip.clip import Clip, save_clip_checkpoint
-from unclip.schema import table_schema
+from unclip.schema import parquet_files, table_schema
 
 SMALL_CLIP_CFG = {
     "embed_dim": 128,
@@ -113,6 +122,44 @@ def plain_loop(inp: str, out: str, clip_uri: str, batch_size: int, threads: int)
         ).cast(schema)
         pq.write_table(t, os.path.join(out, f"part-{start:08d}.parquet"), compression="zstd")
     return time.perf_counter() - t0
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _timed(cmd: list[str], env: dict[str, str]) -> float:
+    """Seconds from spawning ``cmd`` to its exit; fails loudly if it fails."""
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    elapsed = time.perf_counter() - t0
+    if r.returncode:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed:\n{r.stderr[-2000:]}")
+    return elapsed
+
+
+def cold_jobs(inp: str, work: str, clip_uri: str, args: argparse.Namespace) -> tuple[float, float]:
+    """Rows/s of each side run as a fresh process (imports included); see the docstring."""
+    import ray
+
+    env = dict(os.environ, PYTHONPATH=ROOT, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    out = os.path.join(work, "cold_plain")
+    code = (
+        "from bench.bench_embed import plain_loop; "
+        f"plain_loop({inp!r}, {out!r}, {clip_uri!r}, {args.batch_size}, {args.cpus})"
+    )
+    plain = args.n / _timed([sys.executable, "-c", code], env)
+    shutil.rmtree(out)
+    out = os.path.join(work, "cold_ray")
+    cmd = [sys.executable, "-m", "unclip.cli", "embed", "--input", inp, "--output", out]
+    cmd += ["--clip", clip_uri, "--batch-size", str(args.batch_size), "--image-size", "64"]
+    cmd += ["--workers", str(args.workers), "--cpus-per-worker", str(args.cpus_per_worker)]
+    cmd += ["--threads-per-worker", str(args.threads_per_worker)]
+    cmd += ["--rows-per-read", str(args.rows_per_read)]
+    pipeline = args.n / _timed(cmd, env)
+    rows = sum(pq.read_metadata(f).num_rows for f in parquet_files(out))
+    assert rows == args.n, f"the cold pipeline job wrote {rows} rows, not {args.n}"
+    shutil.rmtree(out)
+    return plain, pipeline
 
 
 def _descendant_cpu(root: int) -> dict[tuple[int, int], float]:
@@ -219,14 +266,15 @@ class CpuMeter:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=3000)
+    p.add_argument("--n", type=int, default=20000, help="images (20000: the demo's table)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--threads-per-worker", type=int, default=0)
-    p.add_argument("--rows-per-read", type=int, default=64)
+    p.add_argument("--rows-per-read", type=int, default=256)
+    p.add_argument("--cold", action="store_true", help="also time both sides as fresh processes")
     p.add_argument("--stats", action="store_true", help="print Ray Data's operator stats")
     args = p.parse_args()
 
@@ -260,7 +308,7 @@ def main() -> None:
     run_embed(
         EmbedOptions(input=inp, output=os.path.join(work, "warm"), **opts), log=lambda m: None
     )
-    plain, e2e, steady, cpu_plain, cpu_ray = [], [], [], [], []
+    plain, e2e, steady, cpu_plain, cpu_ray, cold_plain, cold_ray = [], [], [], [], [], [], []
     for r in range(args.repeats):
         out = os.path.join(work, f"plain{r}")
         c0 = time.process_time()
@@ -282,6 +330,11 @@ def main() -> None:
             f"pipeline {e2e[-1]:.0f} rows/s end to end ({s.first_commit_s:.1f} s to the first "
             f"part, {steady[-1]:.0f} rows/s after; {cpu_ray[-1]:.2f} CPU ms/row)"
         )
+        if args.cold:
+            cp_, cr_ = cold_jobs(inp, work, clip_uri, args)
+            cold_plain.append(cp_)
+            cold_ray.append(cr_)
+            print(f"  cold jobs: plain {cp_:.0f} rows/s, unclip embed {cr_:.0f} rows/s")
     mp, me, ms, cp, cr = (statistics.median(x) for x in (plain, e2e, steady, cpu_plain, cpu_ray))
     print(
         f"plain single-process loop: {mp:.0f} rows/s, {cp:.2f} CPU ms/row (medians of {args.repeats})"
@@ -291,6 +344,12 @@ def main() -> None:
     )
     print(f"ratio pipeline/plain:      {me / mp:.2f} end to end, {ms / mp:.2f} steady (rows/s)")
     print(f"CPU cost ratio plain/pipeline: {cp / cr:.2f} (load-independent efficiency)")
+    if args.cold:
+        cp_, cr_ = statistics.median(cold_plain), statistics.median(cold_ray)
+        print(
+            f"cold jobs (fresh processes, imports included): plain {cp_:.0f} rows/s, "
+            f"unclip embed {cr_:.0f} rows/s, ratio {cr_ / cp_:.2f}"
+        )
     print(f"load: {os.getloadavg()[0]:.2f}")
     ray.shutdown()
     shutil.rmtree(work)

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from pipelines import sources, table
@@ -397,6 +398,41 @@ def test_embedder_matches_clip_and_schema_types(tmp_path) -> None:
     want_i = clip.encode_image(clip.preprocess(img)[None])[0].numpy()
     np.testing.assert_allclose(good["image_emb"], want_i, atol=1e-4)
     assert abs(np.linalg.norm(good["image_emb"]) - 1) < 1e-5
+
+
+def test_embedder_slices_in_threads_give_the_same_table(tmp_path) -> None:
+    save_tiny_clip(str(tmp_path / "clip"))
+    write_bad_folder(str(tmp_path / "in"))
+    _, files = sources.detect(str(tmp_path / "in"))
+    kept, _ = sources.dedup(sources.index_folder(str(tmp_path / "in"), files).entries)
+    decoded = decode_rows(sources.read_unit(sources.make_units(kept, 1000)[0]), 32, 0)
+    batch = pa.concat_tables([decoded] * (64 // decoded.num_rows + 1))  # good + bad rows
+    threads = torch.get_num_threads()
+    try:
+        one = Embedder(str(tmp_path / "clip"), threads=1)(batch)
+        sliced = Embedder(str(tmp_path / "clip"), threads=3)
+        assert sliced.slices == 3
+        out = sliced(batch)
+    finally:
+        torch.set_num_threads(threads)
+    assert out.schema == one.schema and out.num_rows == batch.num_rows
+    for name in ("id", "caption", "stage", "error", "warning", "text_tokens"):
+        assert out[name].to_pylist() == one[name].to_pylist(), name
+    for name in ("text_emb", "image_emb"):
+        got = np.asarray(out[name].to_pylist(), np.float32)
+        want = np.asarray(one[name].to_pylist(), np.float32)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert np.abs(got).sum() > 0
+
+
+def test_default_threads_per_actor_share_the_node() -> None:
+    from pipelines.embed import _default_threads
+
+    assert _default_threads(1, [2.0], 1.0) == 2  # one actor uses the core decoding leaves
+    assert _default_threads(2, [2.0], 0.5) == 1
+    assert _default_threads(4, [32.0, 32.0], 4.0) == 16  # 2 actors per node
+    assert _default_threads(1, [], 2.0) == 2  # no node information: its reservation
+    assert _default_threads(8, [4.0], 1.0) == 1
 
 
 def test_units_never_span_two_shards(tmp_path) -> None:

@@ -21,7 +21,7 @@ EXIT_NOT_BUILT = 2
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from unclip.checkpoint import CheckpointError
-    from unclip.clip import ClipLoadError
+    from unclip.clip_identity import ClipLoadError
     from unclip.config import ConfigError
 
     return (
@@ -81,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--workers", type=int, default=1, help="embedding actors")
     e.add_argument("--gpus-per-worker", type=float, default=0.0)
+    e.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs reserved per actor")
+    e.add_argument(
+        "--threads-per-worker",
+        type=int,
+        default=0,
+        help="threads per actor (0 = the CPUs of a node / the actors on it)",
+    )
+    e.add_argument(
+        "--rows-per-read", type=int, default=256, help="rows read and decoded per CPU task"
+    )
     e.add_argument(
         "--image-size",
         type=int,

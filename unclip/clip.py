@@ -8,10 +8,8 @@ Embeddings are always L2-normalised. ``identity`` is what goes into the Parquet 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -21,30 +19,19 @@ from PIL import Image
 from torch import Tensor
 
 from unclip import fs
+from unclip.clip_identity import (
+    CLIP_CHECKPOINT_KIND,
+    ClipIdentity,
+    ClipLoadError,
+    checkpoint_identity,
+    looks_like_checkpoint,
+    read_checkpoint,
+)
+
+__all__ = ["Clip", "ClipIdentity", "ClipLoadError", "save_clip_checkpoint"]
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-CLIP_CHECKPOINT_KIND = "open_clip"
-
-
-class ClipLoadError(ValueError):
-    """The CLIP named by the user cannot be loaded; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class ClipIdentity:
-    """What identifies a CLIP for the data it embedded (Parquet metadata, stage configs)."""
-
-    model: str  # open_clip name, or checkpoint URI
-    pretrained: str  # pretrained tag / weights path ("" for a checkpoint or random init)
-    embed_dim: int
-    context_length: int
-    text_width: int  # width of per-token text states (0 if unavailable)
-    image_size: int
-    fingerprint: str  # stable content id: name/tag, or hash of the checkpoint weights
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Clip:
@@ -68,7 +55,7 @@ class Clip:
     @classmethod
     def load(cls, model: str, pretrained: str = "", device: str = "cpu") -> Clip:
         """From an open_clip name (+ pretrained tag) or a checkpoint directory URI."""
-        if _looks_like_checkpoint(model):
+        if looks_like_checkpoint(model):
             return cls.from_checkpoint(model, device)
         import open_clip
 
@@ -111,27 +98,12 @@ class Clip:
         import open_clip
         from safetensors.torch import load as load_safetensors
 
-        try:
-            cfg = json.loads(fs.read_text(fs.join(uri, "config.json")))
-            blob = fs.read_bytes(fs.join(uri, "model.safetensors"))
-        except FileNotFoundError as e:
-            raise ClipLoadError(f"CLIP checkpoint {uri!r} is incomplete: {e}") from e
-        if cfg.get("kind") != CLIP_CHECKPOINT_KIND:
-            raise ClipLoadError(f"{uri!r} is not a CLIP checkpoint (kind={cfg.get('kind')!r})")
+        cfg, blob = read_checkpoint(uri)
         net = open_clip.model.CLIP(**cfg["model_cfg"])
         net.load_state_dict(load_safetensors(blob))
         net = net.to(device)
-        ctx = int(cfg["model_cfg"]["text_cfg"]["context_length"])
-        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
-        identity = ClipIdentity(
-            model=uri,
-            pretrained="",
-            embed_dim=int(cfg["model_cfg"]["embed_dim"]),
-            context_length=ctx,
-            text_width=_text_width(net),
-            image_size=_image_size(net),
-            fingerprint="sha256:" + hashlib.sha256(blob).hexdigest()[:16],
-        )
+        identity = checkpoint_identity(uri, cfg, blob)
+        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=identity.context_length)
         return cls(net, tokenizer, identity, tuple(cfg["mean"]), tuple(cfg["std"]))
 
     @property
@@ -249,17 +221,6 @@ def save_clip_checkpoint(
     fs.makedirs(uri)
     fs.write_bytes(fs.join(uri, "model.safetensors"), save(state))
     fs.write_text(fs.join(uri, "config.json"), json.dumps(cfg, indent=2))
-
-
-def _looks_like_checkpoint(model: str) -> bool:
-    if "/" not in model and "\\" not in model and not model.startswith("."):
-        return False  # a bare name: open_clip model (names have no slashes except hf-hub:)
-    if model.startswith("hf-hub:"):
-        return False
-    try:
-        return fs.exists(fs.join(model, "config.json"))
-    except Exception as e:  # noqa: BLE001 - e.g. no credentials for s3
-        raise ClipLoadError(f"cannot read CLIP checkpoint {model!r}: {e}") from e
 
 
 def _embed_dim(net: torch.nn.Module) -> int:
