@@ -56,6 +56,11 @@ class GenerateResponse(BaseModel):
     images: list[str] = Field(description="base64-encoded PNG images, one per requested image")
     seed: int = Field(description="the seed used; send it back to get the same images")
     timings: dict[str, float] = Field(description="seconds per stage, and 'total'")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="what the request did not get as asked, e.g. a prompt truncated to the "
+        "CLIP context (the images were still made)",
+    )
 
 
 class HealthResponse(BaseModel):

@@ -36,7 +36,7 @@ from unclip.clip import Clip
 from unclip.conditioning import TextCond
 from unclip.decoder import Decoder as DecoderModel
 from unclip.pipeline import (
-    encode_prompts,
+    encode_prompts_noting,
     invert_decoder,
     needs_text_states,
     sample_decoder,
@@ -106,10 +106,12 @@ class TextEncoder(_Stage):
         self.with_states = needs_text_states(*configs)
 
     @serve.batch(**DEFAULT_BATCH)
-    async def encode(self, prompts: list[str]) -> list[TextCond]:
-        def run() -> list[TextCond]:
-            text = encode_prompts(self.clip, list(prompts), self.with_states)
-            return text_rows(text, [1] * len(prompts))
+    async def encode(self, prompts: list[str]) -> list[tuple[TextCond, str | None]]:
+        """Each prompt's conditioning and its warning (None, or why it was truncated)."""
+
+        def run() -> list[tuple[TextCond, str | None]]:
+            text, notes = encode_prompts_noting(self.clip, list(prompts), self.with_states)
+            return list(zip(text_rows(text, [1] * len(prompts)), notes, strict=True))
 
         return await _in_thread(run)
 

@@ -105,7 +105,7 @@ class Ingress:
         timings: dict[str, float] = {}
 
         # 1. CLIP text encoder: the caption's embedding (and token states), one row per image
-        text = await self._call(
+        text, note = await self._call(
             "text_encoder", self.text_encoder.encode.remote(req.prompt), timings
         )
         text = text.repeat(n)
@@ -122,7 +122,7 @@ class Ingress:
 
         # 4. upsamplers: each multiplies the resolution
         images = await self._upsample(images, seeds, s, timings)
-        return await self._respond(images, seed, timings, start)
+        return await self._respond(images, seed, timings, start, [note])
 
     async def variations(self, req: Any) -> GenerateResponse:
         start = time.perf_counter()
@@ -169,7 +169,7 @@ class Ingress:
         strength = TEXT_DIFF_STRENGTH if req.max_strength is None else req.max_strength
 
         # 1. the two captions' CLIP text embeddings
-        to_text, from_text = await asyncio.gather(
+        (to_text, note_to), (from_text, note_from) = await asyncio.gather(
             self._call("text_encoder", self.text_encoder.encode.remote(req.to_text), timings),
             self._call("text_encoder", self.text_encoder.encode.remote(from_text), timings),
         )
@@ -180,7 +180,9 @@ class Ingress:
         # 3. move z along the text diff with x_T fixed, then decode deterministically
         z, x_T = text_diff_latents(z, x_T, to_text.emb, from_text.emb, req.frames, strength)
         images = await self._decode_latents(z, x_T.contiguous(), seeds, s, timings)
-        return await self._respond(images, seed, timings, start)
+        notes = [f"to_text: {note_to}" if note_to else None]
+        notes.append(f"from_text: {note_from}" if note_from else None)
+        return await self._respond(images, seed, timings, start, notes)
 
     async def health(self) -> tuple[bool, dict[str, str]]:
         """Ask every stage deployment for ``ready()`` (a cheap, unbatched call)."""
@@ -279,13 +281,19 @@ class Ingress:
         return out
 
     async def _respond(
-        self, images: Any, seed: int, timings: dict[str, float], start: float
+        self,
+        images: Any,
+        seed: int,
+        timings: dict[str, float],
+        start: float,
+        notes: list[str | None] | None = None,
     ) -> GenerateResponse:
         t0 = time.perf_counter()
         pngs = await asyncio.to_thread(lambda: [encode_png_b64(a) for a in to_uint8(images)])
         timings["encode_png"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - start
-        return GenerateResponse(images=pngs, seed=seed, timings=timings)
+        warnings = [n for n in notes or [] if n]
+        return GenerateResponse(images=pngs, seed=seed, timings=timings, warnings=warnings)
 
 
 async def _awaitable(response: DeploymentResponse) -> Any:

@@ -171,6 +171,11 @@ def test_bundle_pipeline_is_deterministic_and_checks_compatibility(tmp_path) -> 
     one = pipe.generate("a small red circle", num_images=1, seed=5)
     assert np.abs(one.images[0].astype(int) - a.images[0].astype(int)).max() <= 1
     assert set(a.timings) == {"text_encoder", "prior", "decoder", "upsampler1"}
+    assert a.warnings == []
+    # a prompt beyond the CLIP context (16 tokens here) still generates, and says so
+    long = pipe.generate("a small red circle " * 8, num_images=1, seed=5)
+    assert long.images.shape == (1, 32, 32, 3)
+    assert len(long.warnings) == 1 and "CLIP context of 16 tokens" in long.warnings[0]
     var = pipe.variations(__import__("PIL.Image").Image.fromarray(a.images[0]), 2, seed=1)
     assert var.images.shape == (2, 32, 32, 3)
 

@@ -109,6 +109,14 @@ def test_generate_returns_pngs_seed_and_stage_timings(served: Served) -> None:
     assert out["seed"] == 5
     assert {"text_encoder", "prior", "decoder", "upsampler1", "total"} <= set(out["timings"])
     assert all(v >= 0 for v in out["timings"].values())
+    assert out["warnings"] == []
+
+
+def test_a_prompt_beyond_the_clip_context_is_generated_with_a_warning(served: Served) -> None:
+    prompt = "a small red circle " * 4  # 76 characters (limit 80), past the 16-token context
+    out = served.generate(prompt=prompt.strip(), seed=5, decoder_steps=4)
+    assert len(decode(out["images"])) == 1
+    assert len(out["warnings"]) == 1 and "CLIP context of 16 tokens" in out["warnings"][0]
 
 
 def test_same_seed_same_images_as_the_in_process_pipeline(
@@ -316,7 +324,16 @@ def test_web_page_generates_in_headless_chromium(served: Served) -> None:
             "document.getElementById('error').textContent",
         )
         assert n == 2
-        assert "seed 4" in page.eval("document.getElementById('status').textContent")
+        status = page.eval("document.getElementById('status').textContent")
+        assert "seed 4" in status and "warning" not in status
+        # a warning from the API (prompt truncated to the CLIP context) is shown
+        page.type_into("#prompt", "a small red circle " * 4)
+        page.click("#generate")
+        status = page.wait_for(
+            "document.getElementById('status').textContent.includes('warning') && "
+            "document.getElementById('status').textContent"
+        )
+        assert "CLIP context" in status
         # errors from the API are shown, not swallowed
         page.type_into("#prompt", "   ")
         page.click("#generate")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 
 from unclip import fs
@@ -46,6 +47,8 @@ def generate(args: argparse.Namespace) -> int:
     )
     load_s = time.perf_counter() - t0
     out = pipe.generate(args.prompt, args.num_images, args.seed, settings)
+    for note in out.warnings:
+        print(f"warning: {note}", file=sys.stderr)
     cols = math.ceil(math.sqrt(args.num_images))
     fs.write_bytes(args.out, png_bytes(grid(out.images, cols)))
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in out.timings.items())

@@ -70,11 +70,26 @@ def needs_text_states(*stages: Any) -> bool:
 # ---------------------------------------------------------------------- stage functions
 def encode_prompts(clip: Clip, prompts: list[str], with_states: bool) -> TextCond:
     """Prompts -> CLIP text conditioning (embedding, and per-token states if asked)."""
-    tokens, _ = clip.tokenize(prompts)
+    return encode_prompts_noting(clip, prompts, with_states)[0]
+
+
+def encode_prompts_noting(
+    clip: Clip, prompts: list[str], with_states: bool
+) -> tuple[TextCond, list[str | None]]:
+    """``encode_prompts`` and, per prompt, a warning if CLIP truncated it (else None): CLIP
+    reads a fixed number of tokens, the text beyond them does not condition the images."""
+    tokens, truncated = clip.tokenize(prompts)
     if with_states:
         emb, states, mask = clip.encode_text_states(tokens)
-        return TextCond(emb, states, mask)
-    return TextCond(clip.encode_text(tokens))
+        text = TextCond(emb, states, mask)
+    else:
+        text = TextCond(clip.encode_text(tokens))
+    n = clip.identity.context_length
+    note = (
+        f"prompt longer than the CLIP context of {n} tokens: it was truncated, the words "
+        "beyond it do not affect the images"
+    )
+    return text, [note if cut else None for cut in truncated]
 
 
 def sample_prior(
@@ -187,6 +202,7 @@ class Generation:
     seed: int
     timings: dict[str, float] = field(default_factory=dict)
     image_embeddings: Tensor | None = None
+    warnings: list[str] = field(default_factory=list)  # e.g. the prompt was truncated
 
 
 @dataclass
@@ -233,7 +249,8 @@ class UnclipPipeline:
         t0 = time.perf_counter()
 
         # 1. CLIP text encoder: the caption's embedding (and token states), one row per image
-        text = encode_prompts(self.clip, [prompt], self.with_states).repeat(num_images)
+        text, notes = encode_prompts_noting(self.clip, [prompt], self.with_states)
+        text = text.repeat(num_images)
         timings["text_encoder"] = time.perf_counter() - t0
 
         # 2. prior: CLIP text embedding -> CLIP image embedding (best of `candidates`)
@@ -251,7 +268,8 @@ class UnclipPipeline:
             t0 = time.perf_counter()
             images = sample_upsampler(up, images, seeds, s, i)
             timings[f"upsampler{i + 1}"] = time.perf_counter() - t0
-        return Generation(to_uint8(images), seed, timings, image_emb.cpu())
+        warnings = [n for n in notes if n]
+        return Generation(to_uint8(images), seed, timings, image_emb.cpu(), warnings)
 
     @torch.no_grad()
     def variations(
