@@ -8,11 +8,11 @@
 
 On CPU with ``threads`` > 1 a batch is split into that many slices embedded in parallel
 threads, one torch thread each (torch releases the GIL inside its kernels), rather than
-one forward with ``threads`` intra-op threads. Both are equally fast on an idle machine
-(1.24 vs 1.25 ms/row for 2 threads on the small CLIP, 2.25 for one), but the actor shares
-its cores with the decode tasks: intra-op threads wait for each other at every operator,
-so one thread preempted by a decode task stalls the others, whereas independent slices
-simply run on whatever core is free.
+one forward with ``threads`` intra-op threads. On an idle machine both are about as fast,
+but the actor shares its cores with the decode tasks, and intra-op threads wait for each
+other at every operator: one preempted thread stalls the rest. ``bench/bench_embed_threads.py``
+(2 cores, small CLIP, ms/row): idle, 1 thread 1.80, 2 intra-op 0.99, 2 slices 1.05; with
+another process busy on one core, 1 thread 2.24, 2 intra-op 5.21, 2 slices 1.97.
 
 torch and the CLIP are imported in the actor, not when this module is: the ETL's driver
 imports the class to hand it to Ray Data and needs neither.
