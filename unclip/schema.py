@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from unclip import fs
 
 if TYPE_CHECKING:  # readers of a table need no torch (the ETL's writer tasks don't load it)
-    from unclip.clip import ClipIdentity
+    from unclip.clip_identity import ClipIdentity
 
 SCHEMA_VERSION = "1"
 META_VERSION = b"unclip.schema_version"
