@@ -1,21 +1,25 @@
-"""Training throughput: Ray Train vs the same step in a plain process, 1 vs 2 workers.
+"""Training throughput: Ray Train vs the same step in a plain process, 1 vs 2 workers, and
+the numerics probe's choice against every alternative.
 
     PYTHONPATH=. python bench/bench_train.py [--stages decoder,prior] [--rows 2048]
 
 For each stage at its quick-preset size (CPU), on a synthetic table embedded with a random
 CLIP of the embedded default's shape (embed 128, text width 128, context 32):
 
-    plain   ``training.harness.Stepper`` on in-memory batches in this process (2 threads):
-            the same step code as the Ray loop, without Ray, Ray Data or DDP; in fp32 and
-            with the autocast the Ray loop uses on this CPU (bf16 where it is native)
+    probe   ``training.harness.choose_numerics`` (what ``unclip train`` runs before step 1,
+            here without its cache): the settings it picks and its own timings
+    plain   ``training.harness.Stepper`` on in-memory batches in this process under every
+            candidate setting (fp32 / bf16 autocast x contiguous / channels-last, 2 threads):
+            the same step code as the Ray loop, without Ray, Ray Data or DDP
     ray x1  ``unclip train``'s path (plan + execute): TorchTrainer, 1 worker, 2 threads,
-            data streamed from the Parquet table through Ray Data
+            data streamed from the Parquet table through Ray Data, numerics "auto"
     ray x2  2 workers (DDP over gloo), 1 thread each, the same per-worker batch
 
 Seconds per step are measured in windows of ``--window`` steps (the Ray loop's own
 ``metrics.jsonl`` windows, skipping the first, which holds the start-up); the script prints
-median window times, steps/s, samples/s and the ratios ray x1 / plain and ray x2 / ray x1.
-Check ``uptime`` first: other processes on the machine distort the numbers.
+median window times and the ratios: the probe's pick against the fastest plain setting, and
+ray x1 against plain under the settings the probe picked. Check ``uptime`` first: other
+processes on the machine distort the numbers.
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.tables import write_table  # noqa: E402
 from training.cli import execute, plan  # noqa: E402
 from training.data import prepare_batch  # noqa: E402
-from training.harness import Stepper, effective_amp, lr_at, new_state  # noqa: E402
+from training.harness import Stepper, choose_numerics, lr_at, new_state  # noqa: E402
 from training.stages import stage_for  # noqa: E402
 from unclip.clip import Clip, save_clip_checkpoint  # noqa: E402
+from unclip.numerics import Numerics, candidates  # noqa: E402
 from unclip.schema import read_table_info  # noqa: E402
 
 # the embedded default's CLIP shape (DESIGN.md "Compute budget"), randomly initialised
@@ -72,8 +77,7 @@ def run_options(stage: str, window: int, **extra) -> dict:
     }
 
 
-def plain(stage: str, table: str, window: int, amp: str = "none") -> list[float]:
-    """Window times (s/step) of the Stepper on in-memory batches, no Ray."""
+def load_plain(stage: str, table: str, window: int):
     job = plan(stage, table, tempfile.mkdtemp() + "/x", overrides=run_options(stage, window))
     cfg, run = job.stage, job.run
     spec = stage_for(cfg)
@@ -82,21 +86,47 @@ def plain(stage: str, table: str, window: int, amp: str = "none") -> list[float]
         for f in read_table_info(table).files
     ]
     data = {k: torch.cat([torch.from_numpy(a[k]) for a in arrays]) for k in arrays[0]}
-    n = len(next(iter(data.values())))
     clip = Clip.load(cfg.clip.model) if spec.needs_clip() else None
-    torch.set_num_threads(2)
-    state = new_state(cfg, "cpu", amp)
-    stepper = Stepper(spec, state.model, state, clip, amp)
+    return cfg, run, spec, data, clip
+
+
+def plain(loaded, window: int, n: Numerics) -> list[float]:
+    """Window times (s/step) of the Stepper on in-memory batches under ``n``, no Ray."""
+    cfg, run, spec, data, clip = loaded
+    rows = len(next(iter(data.values())))
+    torch.set_num_threads(n.threads)
+    torch.manual_seed(0)
+    state = new_state(cfg, "cpu", n.amp)
+    n.apply(state.model)
+    stepper = Stepper(spec, state.model, state, clip, n)
     g = torch.Generator().manual_seed(0)
     times, t = [], time.perf_counter()
     for step in range(1, run.steps + 1):
-        idx = torch.randint(0, n, (run.batch_size,), generator=g)
+        idx = torch.randint(0, rows, (run.batch_size,), generator=g)
         stepper({k: v[idx] for k, v in data.items()}, lr_at(step, cfg.optim, run.steps))
         if step % window == 0:
             now = time.perf_counter()
             times.append((now - t) / window)
             t = now
     return times[1:]
+
+
+def probe_choice(loaded) -> Numerics:
+    cfg, run, spec, data, clip = loaded
+    batch = {k: v[: run.batch_size] for k, v in data.items()}
+    choice = choose_numerics(spec, run, torch.device("cpu"), 2, batch, clip, 1, cache=_NoCache())
+    print(f"  probe: {choice.summary()}", flush=True)
+    return choice.numerics
+
+
+class _NoCache:
+    """A cache that never hits: the benchmark measures the probe itself."""
+
+    def get(self, workload: str) -> None:
+        return None
+
+    def put(self, *args) -> None:
+        pass
 
 
 def ray_train(stage: str, table: str, window: int, workers: int) -> tuple[list[float], int]:
@@ -125,33 +155,47 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()}", flush=True)
     root = tempfile.mkdtemp(prefix="bench-train-")
     table = make_table(root, args.rows)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from infra import local_ray
+
+    local_ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
-    amp = effective_amp("bf16", torch.device("cpu"))  # what the Ray loop will use here
-    print(f"autocast on this CPU: {amp}", flush=True)
     rows = []
     for stage in args.stages.split(","):
-        fp32 = statistics.median(plain(stage, table, args.window))
-        base = statistics.median(plain(stage, table, args.window, amp)) if amp != "none" else fp32
+        loaded = load_plain(stage, table, args.window)
+        print(f"{stage}:", flush=True)
+        chosen = probe_choice(loaded)
+        conv = stage in ("decoder", "upsampler")
+        settings = candidates(torch.device("cpu"), 2, convolutional=conv)
+        if chosen not in settings:
+            settings.append(chosen)
+        plain_s = {}
+        for n in settings:
+            plain_s[n] = statistics.median(plain(loaded, args.window, n))
+            print(f"  plain {n.label}: {plain_s[n]:.3f} s/step", flush=True)
         one, batch = ray_train(stage, table, args.window, 1)
         two, _ = ray_train(stage, table, args.window, 2)
         r1, r2 = statistics.median(one), statistics.median(two)
-        rows.append((stage, batch, fp32, base, r1, r2))
         print(
-            f"{stage}: plain fp32 {fp32:.3f} s/step | plain {amp} {base:.3f} | ray x1 {r1:.3f} "
-            f"s/step (windows {', '.join(f'{x:.3f}' for x in one)}) | ray x2 {r2:.3f} s/step",
+            f"  ray x1 {r1:.3f} s/step (windows {', '.join(f'{x:.3f}' for x in one)}) | "
+            f"ray x2 {r2:.3f} s/step",
             flush=True,
         )
+        rows.append((stage, batch, plain_s, chosen, r1, r2))
     print(f"\nload average after: {os.getloadavg()}")
     print(
-        f"{'stage':<10}{'batch':>6}{'fp32 s/step':>12}{'plain':>8}{'ray x1':>8}{'ray x2':>8}"
-        f"{'plain/fp32':>11}{'x1/plain':>10}{'x2/x1 samples/s':>17}"
+        f"{'stage':<10}{'batch':>6}{'probe pick':>24}{'fastest plain':>24}{'pick/fastest':>13}"
+        f"{'plain(pick)':>12}{'ray x1':>8}{'x1/plain':>9}{'ray x2':>8}{'x2/x1 samples/s':>17}"
     )
-    for stage, batch, fp32, base, r1, r2 in rows:
+    for stage, batch, plain_s, chosen, r1, r2 in rows:
+        fastest = min(plain_s, key=plain_s.get)
+        base = plain_s[chosen]
         # ratios of throughput: > 1 means faster than the reference
         print(
-            f"{stage:<10}{batch:>6}{fp32:>12.3f}{base:>8.3f}{r1:>8.3f}{r2:>8.3f}"
-            f"{fp32 / base:>11.2f}{base / r1:>10.2f}{(2 * batch / r2) / (batch / r1):>17.2f}"
+            f"{stage:<10}{batch:>6}{chosen.label:>24}{fastest.label:>24}"
+            f"{plain_s[fastest] / base:>13.2f}{base:>12.3f}{r1:>8.3f}{base / r1:>9.2f}"
+            f"{r2:>8.3f}{(2 * batch / r2) / (batch / r1):>17.2f}"
         )
     ray.shutdown()
 

@@ -165,6 +165,39 @@ def _mark(w: Path, stage: Stage, preset: str, seconds: float) -> None:
     )
 
 
+def training_record(w: Path, stage: str) -> dict | None:
+    """Steps done / planned of a trained stage, from what its training wrote beside the
+    checkpoint (``training.json``; the CLIP's ``metrics.json``), or None if not a training
+    stage. ``stopped_early`` is the reason as text, or None."""
+    if stage == "clip":
+        path = w / "clip" / "metrics.json"
+        if not path.exists():
+            return None
+        m = json.loads(path.read_text())
+        done, planned = int(m["steps"]), int(m.get("steps_planned", m["steps"]))
+        reason = "time limit reached" if m.get("stopped_early") else None
+        return {"steps_done": done, "steps_planned": planned, "stopped_early": reason}
+    path = w / stage / "training.json"
+    if not path.exists():
+        return None
+    m = json.loads(path.read_text())
+    return {
+        "steps_done": int(m["steps_done"]),
+        "steps_planned": int(m["steps_planned"]),
+        "stopped_early": m.get("stopped_early"),
+        "numerics": m.get("numerics"),
+    }
+
+
+def cut_short(training: dict[str, dict]) -> list[str]:
+    """Stages that stopped before their planned steps, as 'decoder (550 of 1000 steps)'."""
+    return [
+        f"{name} ({t['steps_done']} of {t['steps_planned']} steps)"
+        for name, t in training.items()
+        if t["stopped_early"] or t["steps_done"] < t["steps_planned"]
+    ]
+
+
 def _run_command(argv: list[str]) -> None:
     from unclip.cli import main
 
@@ -197,8 +230,16 @@ def _serve_and_call(w: Path, port: int) -> str:
     from serving.cli import deploy, load_config, serve_config
 
     schema = serve_config(load_config(None), str(w / "bundle"), host="127.0.0.1", port=port)
+    stages = [d.name for a in schema.applications for d in a.deployments]
+    print(f"[serve] starting {len(stages)} deployments ({', '.join(stages)})", flush=True)
+    t = time.perf_counter()
     deploy(schema, progress=True)
     url = f"http://127.0.0.1:{port}"
+    print(
+        f"[serve] ready at {url} in {time.perf_counter() - t:.0f} s; sending {len(PROMPTS)} "
+        "concurrent /v1/generate requests of 4 images each",
+        flush=True,
+    )
     out = w / "samples"
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -228,20 +269,33 @@ def _generate(url: str, seed: int, prompt: str) -> tuple[str, dict, float]:
         return prompt, json.loads(resp.read()), time.perf_counter() - t
 
 
-def _report(w: Path, p: DemoPreset, seconds: dict[str, float], url: str) -> None:
+def _report(
+    w: Path, p: DemoPreset, seconds: dict[str, float], url: str, training: dict[str, dict]
+) -> None:
     from pipelines.evaluate import EvalReport, MethodResult, markdown_table
 
     ev = json.loads((w / "eval.json").read_text())
     ev["preset"] = p.name
     ev["seconds"] = {**ev.get("seconds", {}), **{k: round(v, 1) for k, v in seconds.items()}}
+    ev["training"] = training
+    ev["cut_short"] = cut_short(training)
+    ev["machine"] = machine_description()
     (w / "eval.json").write_text(json.dumps(ev, indent=2))
     table = markdown_table(EvalReport([MethodResult(**r) for r in ev["rows"]], p.name))
-    timing = "\n".join(f"| {k} | {v:.0f} s |" for k, v in seconds.items())
+    timing = "\n".join(
+        f"| {k} | {v:.0f} s | {_steps_cell(training.get(k))} |" for k, v in seconds.items()
+    )
     total = sum(seconds.values())
+    warning = ""
+    if ev["cut_short"]:
+        warning = (
+            "\n> **Not a full run**: " + ", ".join(ev["cut_short"]) + " stopped at a time limit "
+            "(a slow or busy machine). The results below are those of less-trained models.\n"
+        )
     text = f"""# unclip-ray demo ({p.name} preset)
 
-Machine: {os.cpu_count()} CPU cores. Total {total / 60:.1f} min (target {p.budget_minutes} min).
-
+Machine: {ev["machine"]}. Total {total / 60:.1f} min (target {p.budget_minutes} min).
+{warning}
 ## Evaluation (held-out captions, {ev["rows"][0]["n"]} per method)
 
 {table}
@@ -254,8 +308,8 @@ among 10; FD: Fréchet distance of generated vs. real CLIP image embeddings (low
 
 ## Stages
 
-| stage | time |
-|---|---|
+| stage | time | steps (done / planned, numerics) |
+|---|---|---|
 {timing}
 
 ## Outputs
@@ -270,6 +324,33 @@ among 10; FD: Fréchet distance of generated vs. real CLIP image embeddings (low
          -d '{{"prompt": "a small red circle in the top left corner", "num_images": 4}}'
 """
     (w / "report.md").write_text(text)
+
+
+def _steps_cell(t: dict | None) -> str:
+    if t is None:
+        return ""
+    cell = f"{t['steps_done']} / {t['steps_planned']}"
+    if t.get("numerics"):
+        cell += f", {t['numerics']}"
+    if t["stopped_early"] or t["steps_done"] < t["steps_planned"]:
+        cell += " **cut short**"
+    return cell
+
+
+def machine_description() -> str:
+    """CPU model, cores, and whether it has AMX / AVX512-BF16 (numbers depend on them)."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    has = [name for name in ("amx_bf16", "avx512_bf16", "avx2") if name in flags]
+    return f"{model}, {os.cpu_count()} cores" + (f" ({', '.join(has)})" if has else "")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -288,7 +369,9 @@ def run(args: argparse.Namespace) -> int:
         set_serve_env_defaults()
 
         # with the dashboard: Ray Train's placement-group cleaner polls the state API
-        ctx = ray.init(namespace=SERVE_NAMESPACE, configure_logging=False)
+        from infra import local_ray
+
+        ctx = local_ray.init(namespace=SERVE_NAMESPACE, configure_logging=False)
         if ctx.dashboard_url:
             print(f"Ray dashboard: http://{ctx.dashboard_url} (token: `ray get-auth-token`)")
     all_stages = stages(w, p, args.gpu)
@@ -322,7 +405,18 @@ def run(args: argparse.Namespace) -> int:
             f"(total {(time.perf_counter() - t_all) / 60:.1f} min)",
             flush=True,
         )
-    _report(w, p, seconds, url)
+        record = training_record(w, stage.name)
+        if record is not None and cut_short({stage.name: record}):
+            print(
+                f"{head}: WARNING: stopped at step {record['steps_done']} of "
+                f"{record['steps_planned']} ({record['stopped_early'] or 'time limit'}); "
+                "later results come from a less-trained model",
+                flush=True,
+            )
+    training = {s.name: r for s in all_stages if (r := training_record(w, s.name)) is not None}
+    _report(w, p, seconds, url, training)
+    if cut_short(training):
+        print(f"\nWARNING: cut short by a time limit: {', '.join(cut_short(training))}")
     print(
         f"\ndone. report: {w / 'report.md'}; eval: {w / 'eval.json'}; "
         f"samples: {w / 'samples'}; bundle: {w / 'bundle'}"

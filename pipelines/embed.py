@@ -180,7 +180,9 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level="warning", log_to_driver=False)
+        from infra import local_ray
+
+        local_ray.init(include_dashboard=False, logging_level="warning", log_to_driver=False)
     try:
         summary = run_embed(opts)
     except TooManyErrors as e:

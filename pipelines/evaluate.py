@@ -312,6 +312,7 @@ def evaluate(
         np.stack(table.column("image_emb").to_numpy(zero_copy_only=False)).astype(np.float32)
     )
 
+    ray.data.DataContext.get_current().enable_progress_bars = False  # our own lines instead
     ds = ray.data.from_arrow(table.drop_columns(["text_tokens"]))
     ds = ds.map_batches(
         EvalWorker,
@@ -321,8 +322,7 @@ def evaluate(
         batch_format="numpy",
         num_cpus=cfg.num_cpus_per_worker,
     )
-    rows = ds.take_all()
-    results = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+    results = _collect(ds, table.num_rows, len(methods), t0)
     gen_seconds = time.perf_counter() - t0
 
     report = EvalReport(
@@ -337,11 +337,35 @@ def evaluate(
     return report
 
 
+def _collect(ds: Any, captions: int, methods: int, t0: float) -> dict[str, np.ndarray]:
+    """All generated rows of the job, printing progress as batches of captions finish."""
+    columns: dict[str, list[Any]] = {}
+    done, last = 0, 0.0
+    print(f"[eval] generating {captions} held-out captions x {methods} methods", flush=True)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for k, v in batch.items():
+            columns.setdefault(k, []).extend(list(v))
+        done = len(columns["id"]) // methods
+        elapsed = time.perf_counter() - t0
+        if done == captions or elapsed - last > 5:
+            left = elapsed / done * (captions - done) if done else float("nan")
+            print(
+                f"[eval] {done}/{captions} captions in {elapsed:.0f} s (~{left:.0f} s left)",
+                flush=True,
+            )
+            last = elapsed
+    if not columns:
+        raise ValueError("the evaluation generated nothing")
+    return {k: np.array(v, dtype=object) for k, v in columns.items()}
+
+
 def run(args: argparse.Namespace) -> int:
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        from infra import local_ray
+
+        local_ray.init(include_dashboard=False, log_to_driver=False)
     cfg = EvalConfig(n=args.n or EvalConfig.n, ar_prior=args.ar_prior or "")
     report = evaluate(args.bundle, args.data, args.out, cfg)
     print(markdown_table(report))

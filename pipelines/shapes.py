@@ -98,7 +98,9 @@ def _generate_with_ray(
     import ray  # the core library never imports Ray; only this entry point does
 
     if not ray.is_initialized():
-        ray.init()  # joins RAY_ADDRESS if set, else starts a local cluster
+        from infra import local_ray
+
+        local_ray.init()  # joins RAY_ADDRESS if set, else starts a local cluster
     ds = ray.data.range(n, override_num_blocks=max(1, math.ceil(n / BATCH_SIZE)))
     ds = ds.map_batches(
         _write_batch,

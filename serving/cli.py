@@ -186,9 +186,13 @@ def run(args: argparse.Namespace) -> int:
     if started_ray:
         set_serve_env_defaults()
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(namespace=SERVE_NAMESPACE, log_to_driver=False)
+            from infra import local_ray
+
+            local_ray.init(namespace=SERVE_NAMESPACE, log_to_driver=False)
         else:
-            ray.init(namespace=SERVE_NAMESPACE, include_dashboard=False, log_to_driver=False)
+            from infra import local_ray
+
+            local_ray.init(namespace=SERVE_NAMESPACE, include_dashboard=False, log_to_driver=False)
     gpus = float(ray.cluster_resources().get("GPU", 0.0))
     schema = serve_config(config, bundle, args.host, args.port, api_key, gpus)
     print(

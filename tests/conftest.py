@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import uuid
 from collections.abc import Iterator
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# numerics probes cache their choices per machine: tests keep theirs out of the user's cache
+os.environ["UNCLIP_CACHE_DIR"] = tempfile.mkdtemp(prefix="unclip-test-cache-")
 
 
 def free_port() -> int:

@@ -22,7 +22,7 @@ from tests.tables import png, write_table
 from tests.tiny import save_tiny_clip
 from training.cli import bind_to_table, execute, latest_checkpoint, plan, run_location
 from training.data import StageColumns, heldout_mask, prepare_batch, table_clip
-from training.harness import Stepper, effective_amp, lr_at, new_state
+from training.harness import Stepper, lr_at, new_state
 from training.presets import TrainConfig, load_config_file, preset, resolve
 from training.stages import stage_for
 from unclip.checkpoint import load_stage, load_stage_config, load_train_state
@@ -290,18 +290,11 @@ def test_stepper_refuses_nan_data_without_touching_the_weights(data) -> None:
     assert stepper({"text_emb": emb, "image_emb": emb}, lr=1e-3).finite and state.step == 1
 
 
-def test_cpu_autocast_is_bf16_only_where_native_and_learns(data, monkeypatch) -> None:
-    from training import harness
+def test_bf16_and_channels_last_steps_follow_fp32_steps(data) -> None:
+    """The settings the numerics probe may pick change speed, not what is learnt: bf16
+    autocast and channels-last steps keep fp32 weights and move them like fp32 steps."""
+    from unclip.numerics import Numerics
 
-    cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert effective_amp("fp16", gpu) == "fp16" and effective_amp("none", gpu) == "none"
-    assert effective_amp("fp16", cpu) == "none" and effective_amp("none", cpu) == "none"
-    monkeypatch.setattr(harness, "cpu_has_native_bf16", lambda: False)
-    assert effective_amp("bf16", cpu) == "none"  # emulated bf16 is slower than fp32
-    monkeypatch.setattr(harness, "cpu_has_native_bf16", lambda: True)
-    assert effective_amp("bf16", cpu) == "bf16"
-
-    # bf16-autocast steps on CPU keep fp32 weights and follow the fp32 steps closely
     cfg = plan("decoder", data["table"], "/nonexistent/d", overrides=tiny("decoder")).stage
     g = torch.Generator().manual_seed(0)
     batch = {
@@ -309,18 +302,21 @@ def test_cpu_autocast_is_bf16_only_where_native_and_learns(data, monkeypatch) ->
         "image_emb": torch.nn.functional.normalize(torch.randn(8, 32, generator=g), dim=-1),
     }
     runs = {}
-    for amp in ("none", "bf16"):
+    for n in (Numerics("none"), Numerics("bf16"), Numerics("none", "channels_last")):
         torch.manual_seed(0)  # same init, same timesteps and noise
-        state = new_state(cfg, "cpu", amp)
+        state = new_state(cfg, "cpu", n.amp)
+        n.apply(state.model)
         start = torch.nn.utils.parameters_to_vector(state.model.parameters()).clone()
-        stepper = Stepper(stage_for(cfg), state.model, state, amp=amp)
+        stepper = Stepper(stage_for(cfg), state.model, state, settings=n)
         losses = [float(stepper(batch, lr=1e-3).loss) for _ in range(8)]
         assert all(p.dtype == torch.float32 for p in state.model.parameters())
         moved = torch.nn.utils.parameters_to_vector(state.model.parameters()) - start
-        runs[amp] = (np.array(losses), moved)
-    (l32, d32), (l16, d16) = runs["none"], runs["bf16"]
-    assert np.all(np.abs(l16 - l32) < 0.05 * l32 + 1e-3)
-    assert torch.nn.functional.cosine_similarity(d16, d32, dim=0) > 0.9
+        runs[n.label] = (np.array(losses), moved)
+    l32, d32 = runs["fp32/contiguous/1t"]
+    for label in ("bf16/contiguous/1t", "fp32/channels_last/1t"):
+        other, moved = runs[label]
+        assert np.all(np.abs(other - l32) < 0.05 * l32 + 1e-3), label
+        assert torch.nn.functional.cosine_similarity(moved, d32, dim=0) > 0.9, label
 
 
 def test_ar_prior_fits_its_codebook_on_training_rows_then_trains(

@@ -51,6 +51,8 @@ from unclip.config import (
 from unclip.errors import UserError
 from unclip.schema import DataError, TableInfo, check_clip, read_table_info
 
+SUMMARY = "training.json"  # beside the final checkpoint: steps done / planned, stopped early
+
 
 @dataclass(frozen=True)
 class TrainJob:
@@ -241,7 +243,9 @@ def execute(job: TrainJob) -> TrainOutcome:
     if stage.needs_clip():
         load_clip(stage, "cpu")  # refuse a missing or changed CLIP before workers start
     if not ray.is_initialized():
-        ray.init(configure_logging=False)
+        from infra import local_ray
+
+        local_ray.init(configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     columns: StageColumns = stage.columns()
     frac = job.run.heldout_fraction
@@ -298,9 +302,29 @@ def execute(job: TrainJob) -> TrainOutcome:
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)
     step = int(summary.get("step", metrics.get("step", 0)))
     minutes = (time.perf_counter() - t0) / 60
-    early = f" (stopped early: {summary['stopped_early']})" if "stopped_early" in summary else ""
+    report = training_summary(job, step, minutes, summary)
+    fs.write_text(fs.join(job.out, SUMMARY), json.dumps(report, indent=2))
+    early = ""
+    if report["stopped_early"]:
+        early = f" -- STOPPED EARLY at step {step} of {job.run.steps}: {report['stopped_early']}"
     print(f"[{job.stage.stage}] trained to step {step} in {minutes:.1f} min{early}", flush=True)
     return TrainOutcome(step, job.out, metrics)
+
+
+def training_summary(
+    job: TrainJob, step: int, minutes: float, loop_result: dict[str, Any]
+) -> dict[str, Any]:
+    """What ``<out>/training.json`` says of a finished run: steps done against planned,
+    why it stopped early (or None), wall minutes and the numerics it ran with."""
+    return {
+        "stage": job.stage.stage,
+        "steps_done": step,
+        "steps_planned": job.run.steps,
+        "stopped_early": loop_result.get("stopped_early"),
+        "minutes": round(minutes, 2),
+        "numerics": loop_result.get("numerics"),
+        "workers": job.workers,
+    }
 
 
 def copy_checkpoint(checkpoint: Any, out: str) -> None:

@@ -417,6 +417,7 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "preset": job.preset,
         "steps": step,
+        "steps_planned": cfg.steps,
         "stopped_early": step < cfg.steps,
         "workers": job.workers,
         "loss": train_metrics.get("loss"),

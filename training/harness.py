@@ -24,6 +24,7 @@ and sample grids to ``<run dir>/samples/``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -32,20 +33,26 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from training.presets import Amp, TrainConfig, train_config_from_dict, train_config_to_dict
+from training.presets import TrainConfig, train_config_from_dict, train_config_to_dict
 from training.runs import checkpoint_dir_name, restored_train_state
 from training.stages import Batch, Stage, stage_for
-from unclip import fs
+from unclip import fs, numerics
 from unclip.checkpoint import save_stage
 from unclip.clip import Clip
-from unclip.config import OptimConfig, StageConfig, stage_config_from_dict, to_dict
+from unclip.config import (
+    DecoderConfig,
+    OptimConfig,
+    StageConfig,
+    UpsamplerConfig,
+    stage_config_from_dict,
+    to_dict,
+)
 from unclip.ema import EMA
 from unclip.models import build_model
 from unclip.pipeline import png_bytes
@@ -109,21 +116,62 @@ def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
     return optim.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def effective_amp(requested: Amp, device: torch.device) -> Amp:
-    """The autocast a worker really uses: on GPU as requested; on CPU bf16 only where the
-    CPU computes bf16 natively (AMX or AVX512-BF16: decoder and upsampler steps ~1.8x faster,
-    bench/bench_train.py), else fp32 (emulated bf16 is slower than fp32; fp16 never)."""
-    if device.type == "cuda":
-        return requested
-    if requested == "bf16" and cpu_has_native_bf16():
-        return "bf16"
-    return "none"
+def choose_numerics(
+    stage: Stage,
+    run: TrainConfig,
+    device: torch.device,
+    threads: int,
+    batch: Batch,
+    clip: Clip | None,
+    local_workers: int = 1,
+    cache: numerics.NumericsCache | None = None,
+) -> numerics.Choice:
+    """Autocast dtype, memory format and threads for this stage on this machine, measured.
+
+    Fields the run fixes (``amp``, ``memory_format``, ``threads`` != auto) are kept; the
+    others are chosen by timing a few real steps of the stage's own model on ``batch``
+    (throwaway copies: the run's weights, optimiser and random streams are untouched), and
+    cached per machine and workload (``unclip.numerics``).
+    """
+    cfg = stage.config
+    conv = isinstance(cfg, DecoderConfig | UpsamplerConfig)
+    options = numerics.candidates(device, threads, run.amp, run.memory_format, conv)
+    auto = numerics.AUTO in (run.amp, run.memory_format)
+    fewer = [threads // 2] if auto and not run.threads and device.type == "cpu" else []
+    scratch: dict[numerics.Numerics, Stepper] = {}
+
+    def step(n: numerics.Numerics) -> None:
+        if n not in scratch:
+            st = new_state(cfg, device, n.amp)
+            n.apply(st.model)
+            scratch[n] = Stepper(stage, st.model, st, clip, n)
+        torch.set_num_threads(n.threads)
+        scratch[n](batch, cfg.optim.lr)
+
+    key = numerics.workload_key(
+        cfg.stage, to_dict(cfg.net), run.batch_size, device.type, local_workers
+    )
+    if cache is None:
+        cache = numerics.NumericsCache()
+    return numerics.choose(step, options, key, cache, fewer_threads=fewer)
 
 
-def cpu_has_native_bf16() -> bool:
-    cpu = torch.cpu
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
+def _agree(choice: numerics.Numerics, world: int, device: torch.device) -> numerics.Numerics:
+    """Every rank uses rank 0's choice (DDP needs one layout; probes on ranks may differ)."""
+    if world <= 1 or not torch.distributed.is_initialized():
+        return choice
+    code = torch.tensor(
+        [
+            numerics.AMPS.index(choice.amp),
+            numerics.MEMORY_FORMATS.index(choice.memory_format),
+            choice.threads,
+        ],
+        device=device,
+    )
+    torch.distributed.broadcast(code, src=0)
+    amp, fmt, _ = (int(v) for v in code.tolist())
+    # threads stay each rank's own (nodes may differ in cores)
+    return replace(choice, amp=numerics.AMPS[amp], memory_format=numerics.MEMORY_FORMATS[fmt])  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------- state
@@ -243,7 +291,7 @@ def load_clip(stage: Stage, device: torch.device) -> Clip:
 
 # ---------------------------------------------------------------------- one step
 def new_state(
-    cfg: StageConfig, device: torch.device | str = "cpu", amp: Amp = "none"
+    cfg: StageConfig, device: torch.device | str = "cpu", amp: numerics.Amp = "none"
 ) -> TrainState:
     """A freshly initialised model with its AdamW optimiser, EMA and (fp16) grad scaler."""
     model = build_model(cfg).to(device)
@@ -277,17 +325,14 @@ class Stepper:
         model: nn.Module,
         state: TrainState,
         clip: Clip | None = None,
-        amp: Amp = "none",
+        settings: numerics.Numerics | None = None,
         check_loss: bool = True,
     ) -> None:
         self.stage, self.model, self.state, self.clip = stage, model, state, clip
         self.check_loss = check_loss
+        self.settings = settings or numerics.Numerics(threads=torch.get_num_threads())
         device_type = next(state.model.parameters()).device.type
-        self.autocast = (
-            torch.autocast(device_type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-            if amp != "none"
-            else nullcontext()
-        )
+        self.autocast = self.settings.autocast(device_type)
         self.params = [p for p in state.model.parameters() if p.requires_grad]
         clip_norm = stage.config.optim.grad_clip
         self.clip_norm = clip_norm if clip_norm > 0 else float("inf")
@@ -297,6 +342,7 @@ class Stepper:
         for group in opt.param_groups:
             group["lr"] = lr
         text = self.stage.text_cond(batch, self.clip)
+        batch = {k: self.settings.layout(v) for k, v in batch.items()}
         with self.autocast:
             loss = self.stage.loss(self.model, batch, text)
         if poison:  # test hook (TrainConfig.debug_nan_at_step)
@@ -335,6 +381,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
+    loop_started = time.time()
     job = LoopConfig.from_dict(loop_config)
     cfg, run = job.stage, job.run
     ctx = ray.train.get_context()
@@ -345,11 +392,27 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     stage = stage_for(cfg)
     _write_pid(run, rank)
 
+    clip = load_clip(stage, device) if stage.needs_clip() else None
+    batches = endless_batches(ray.train.get_dataset_shard("train"), run, device)
+    first = next(batches)  # probed on, then trained on first: the data order is unchanged
+    batches = itertools.chain([first], batches)
+
+    # numerics (autocast, memory format, threads) measured on this machine unless fixed
+    probe_started = time.time()
+    choice = choose_numerics(stage, run, device, threads, first, clip, ctx.get_local_world_size())
+    chosen = _agree(choice.numerics, world, device)
+    timing = {
+        "loop_started": round(loop_started, 3),  # wall clock, for start-up breakdowns
+        "probe_s": round(time.time() - probe_started, 2),
+    }
+    amp = chosen.amp
+
     # model, optimiser, EMA; restored from the latest checkpoint if Ray hands one over
     torch.manual_seed(_seed(run.seed, rank, 0))
-    amp = effective_amp(run.amp, device)
     state = new_state(cfg, device, amp)
-    model = state.model
+    model = chosen.apply(state.model)
+    threads = chosen.threads
+    torch.set_num_threads(threads)
     saved = restored_train_state(persisted=not job.local_mode)
     if saved is not None:
         state.load(saved, rank)
@@ -359,7 +422,6 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         state.ema = EMA(model, o.ema_decay, o.ema_warmup)
     ddp = ray.train.torch.prepare_model(model)
 
-    clip = load_clip(stage, device) if stage.needs_clip() else None
     log = MetricsLog(job.run_dir, start) if rank == 0 else None
     heldout, eval_model, eval_clip = None, None, clip
     if rank == 0:
@@ -369,19 +431,24 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             eval_clip = _try_load_clip(stage, device)
         if start:
             log.write({"step": start, "resumed": True})
+        log.write({"step": start, **numerics_record(choice, chosen), **timing})
+        say(f"[{cfg.stage}] numerics: {choice.summary()}")
         where = "resuming at" if start else "starting at"
         say(
             f"[{cfg.stage}] {where} step {start} of {run.steps}: {world} worker(s), "
-            f"{threads} thread(s) each, batch {run.batch_size} per worker, amp {amp}, "
+            f"{threads} thread(s) each, batch {run.batch_size} per worker, "
+            f"{chosen.label}, "
             f"{0 if heldout is None else len(next(iter(heldout.values())))} held-out rows"
         )
-    if start >= run.steps:
-        return {"step": start}  # nothing left to do: the latest checkpoint is the final one
+    done: dict[str, Any] = {"numerics": chosen.label}
+    if start >= run.steps:  # nothing left to do: the latest checkpoint is the final one
+        return {"step": start, **done}
 
-    stepper = Stepper(stage, ddp, state, clip, amp, check_loss=world == 1)
-    batches = endless_batches(ray.train.get_dataset_shard("train"), run, device)
+    stepper = Stepper(stage, ddp, state, clip, chosen, check_loss=world == 1)
     window = LossWindow()
     t0, last_ckpt = time.perf_counter(), start
+    if log is not None:
+        log.write({"step": start, "steps_started": round(time.time(), 3)})
     model.train()
     while state.step < run.steps:
         step = state.step + 1
@@ -391,12 +458,12 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             msg = _diverged(cfg.stage, step, out.loss, out.grad_norm, last_ckpt)
             if rank == 0:
                 say(f"[{cfg.stage}] {msg}")
-            return {"step": state.step, "diverged": msg}
+            return {"step": state.step, "diverged": msg, **done}
         window.add(out.loss)
 
         time_up = _time_up(run, t0, step, world)
         final = step == run.steps or time_up
-        metrics: dict[str, Any] = {"step": step, "lr": lr}
+        metrics: dict[str, Any] = {"step": step, "lr": lr, "time": round(time.time(), 3)}
         if rank == 0 and (step % run.log_every == 0 or final):
             assert log is not None and eval_model is not None
             metrics.update(window.take())
@@ -414,9 +481,22 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         if step % run.checkpoint_every == 0 or final:
             _report_checkpoint(cfg, run, state, metrics, rank, job.local_mode)
             last_ckpt = step
+        if step % run.log_every == 0:  # the window was just taken: time steps, not evaluation
+            window.restart()  # or saving (a checkpoint between log steps still counts)
         if time_up:
-            return {"step": step, "stopped_early": f"time limit {run.time_limit_minutes:g} min"}
-    return {"step": state.step}
+            limit = f"time limit of {run.time_limit_minutes:g} min reached"
+            return {"step": step, "stopped_early": limit, **done}
+    return {"step": state.step, **done}
+
+
+def numerics_record(choice: numerics.Choice, used: numerics.Numerics) -> dict[str, Any]:
+    """What ``metrics.jsonl`` records of the numerics: the settings used, where they came
+    from, and every candidate's measured seconds per step."""
+    return {
+        "numerics": used.label,
+        "numerics_source": choice.source,
+        "numerics_timings": {o.label: round(t, 4) for o, t in choice.timings.items()},
+    }
 
 
 class LossWindow:
@@ -430,6 +510,10 @@ class LossWindow:
     def add(self, loss: torch.Tensor) -> None:
         self.total = self.total + loss.float()
         self.count += 1
+
+    def restart(self) -> None:
+        """Start timing again from now (after work that is not a training step)."""
+        self.since = time.perf_counter()
 
     def take(self) -> dict[str, float]:
         now = time.perf_counter()

@@ -48,7 +48,8 @@ from unclip.split import HELDOUT_FRACTION
 
 STAGES = ("prior", "ar_prior", "decoder", "upsampler")
 PRESETS = ("quick", "full")
-Amp = Literal["none", "bf16", "fp16"]
+AmpChoice = Literal["auto", "none", "bf16", "fp16"]
+FormatChoice = Literal["auto", "contiguous", "channels_last"]
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,12 @@ class TrainConfig:
     eval_images: int = 8  # images in a sample grid (decoder / upsampler)
     shuffle_buffer: int = 2048  # rows in the local shuffle buffer of each worker
     cache_data: bool = True  # materialize the decoded training split once (small tables)
-    amp: Amp = "bf16"  # autocast dtype (CPU: bf16 only if native, else fp32; harness.py)
-    threads: int = 0  # torch threads per worker; 0 = cores of the node / workers on it
+    # numerics: "auto" = time a few real steps under each choice on this machine and keep
+    # the fastest (unclip.numerics; cached per machine); a value fixes it
+    amp: AmpChoice = "auto"  # autocast dtype: none (fp32), bf16, fp16 (GPU only)
+    memory_format: FormatChoice = "auto"  # of the UNets' activations: contiguous, channels_last
+    threads: int = 0  # torch threads per worker; 0 = cores of the node / workers on it (and
+    # with amp or memory_format "auto", half as many if that measures faster)
     cpus_per_worker: float = 0.0  # Ray CPUs per worker; 0 = leave a CPU for Ray Data
     time_limit_minutes: float = 0.0  # stop early (with a final checkpoint); 0 = no limit
     seed: int = 0

@@ -97,15 +97,23 @@ class UNetConfig:
     max_text_len: int = 32
     low_res_channels: int = 0  # > 0: upsampler, concatenates the upsampled low-res image
     groups: int = 8  # GroupNorm groups
+    coords: bool = False  # feed x, y coordinate channels with the input (CoordConv): every
+    # position knows where it is, so a global embedding can say where to draw
+    patch_size: int = 1  # > 1: the UNet runs on P x P pixel patches (pixel-unshuffle), its
+    # first level at image_size / P: ~P^2 times cheaper per step (attention_resolutions are
+    # feature-map sizes, i.e. after patching)
 
     def __post_init__(self) -> None:
+        if self.patch_size < 1:
+            raise ConfigError(f"patch_size must be >= 1, got {self.patch_size}")
         for ch in (self.base_channels * m for m in self.channel_mult):
             if ch % self.groups:
                 raise ConfigError(f"channels {ch} not divisible by groups {self.groups}")
-        if self.image_size % (2 ** (len(self.channel_mult) - 1)):
+        down = 2 ** (len(self.channel_mult) - 1) * self.patch_size
+        if self.image_size % down:
             raise ConfigError(
-                f"image_size {self.image_size} must be divisible by "
-                f"2**{len(self.channel_mult) - 1} (one halving per extra channel_mult level)"
+                f"image_size {self.image_size} must be divisible by {down} (patch_size "
+                f"{self.patch_size} times one halving per extra channel_mult level)"
             )
 
 

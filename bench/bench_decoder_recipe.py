@@ -1,0 +1,148 @@
+"""How fast a decoder recipe learns: oracle accuracy against training steps and CPU seconds.
+
+    PYTHONPATH=. python bench/bench_decoder_recipe.py --data work/demo/embeddings \
+        [--config recipe.yaml] [--eval-at 300,600,900] [--n 64] [--tag NAME]
+
+Trains the decoder of the quick preset (with a config file's overrides, the same format as
+``unclip train --config``) in a plain loop, the same ``Stepper`` the Ray loop uses, on the
+table's training rows held in memory. At each ``--eval-at`` step it samples the held-out
+rows from their ground-truth CLIP image embeddings with the EMA weights (the decoder's
+ceiling: the ``ground_truth`` row of ``unclip eval``), resizes them bicubically to 64 px and
+scores them with the shapes oracle. Prints one JSON line per evaluation with the step, the
+seconds spent training so far (evaluation excluded) and the oracle's accuracies, so recipes
+can be compared per step and per CPU second on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipelines.evaluate import load_heldout  # noqa: E402
+from training.cli import plan  # noqa: E402
+from training.data import prepare_batch  # noqa: E402
+from training.harness import Stepper, lr_at, new_state  # noqa: E402
+from training.presets import load_config_file  # noqa: E402
+from training.stages import stage_for  # noqa: E402
+from unclip.models import build_model  # noqa: E402
+from unclip.numerics import Numerics  # noqa: E402
+from unclip.pipeline import to_uint8  # noqa: E402
+from unclip.schema import read_table_info  # noqa: E402
+from unclip.shapes.attributes import ROW_COLUMNS, Attributes  # noqa: E402
+from unclip.shapes.oracle import score  # noqa: E402
+
+KEYS = ("colour", "shape", "size", "position", "all")
+
+
+def load_train(data: str, job) -> dict[str, torch.Tensor]:
+    spec = stage_for(job.stage).columns()
+    arrays = [
+        prepare_batch(pq.read_table(f), spec, "train", job.run.heldout_fraction)
+        for f in read_table_info(data).files
+    ]
+    return {k: torch.cat([torch.from_numpy(a[k].copy()) for a in arrays]) for k in arrays[0]}
+
+
+def oracle_accuracy(images: torch.Tensor, table) -> dict[str, float]:
+    """images (B, 3, S, S) in [-1, 1] -> mean oracle accuracy per attribute at 64 px."""
+    big = F.interpolate(images.float(), size=64, mode="bicubic", align_corners=False)
+    pixels = to_uint8(big.clamp(-1, 1))
+    rows = table.select(list(ROW_COLUMNS)).to_pylist()
+    scores = [score(pixels[j], Attributes.from_row(rows[j])) for j in range(len(rows))]
+    return {k: float(np.mean([s[k] for s in scores])) for k in KEYS}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="embedding table of the shapes data")
+    p.add_argument("--config", default=None, help="decoder config overrides (YAML/JSON)")
+    p.add_argument("--eval-at", default="300,600,900")
+    p.add_argument("--n", type=int, default=64, help="held-out rows scored")
+    p.add_argument("--sample-steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--amp", default="none", choices=("none", "bf16"))
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", default="")
+    p.add_argument("--save", default="", help="directory for sample grids")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    overrides = load_config_file(args.config) if args.config else {}
+    evals = sorted(int(s) for s in args.eval_at.split(","))
+    overrides.setdefault("train", {})["steps"] = evals[-1]
+    job = plan("decoder", args.data, f"/tmp/recipe-{os.getpid()}/decoder", overrides=overrides)
+    cfg, run = job.stage, job.run
+    spec = stage_for(cfg)
+    data = load_train(args.data, job)
+    heldout = load_heldout(args.data, args.n)
+    emb = torch.from_numpy(
+        np.stack(heldout.column("image_emb").to_numpy(zero_copy_only=False)).astype(np.float32)
+    )
+    n = len(data["image"])
+    settings = Numerics(
+        args.amp, "channels_last" if args.channels_last else "contiguous", args.threads
+    )
+    state = new_state(cfg, "cpu", settings.amp)
+    settings.apply(state.model)
+    stepper = Stepper(spec, state.model, state, None, settings)
+    ema_model = build_model(cfg).eval()
+    params = sum(p.numel() for p in state.model.parameters())
+    print(
+        json.dumps({"tag": args.tag, "params": params, "rows": n, "config": args.config}),
+        flush=True,
+    )
+    g = torch.Generator().manual_seed(args.seed)
+    trained, losses = 0.0, []
+    state.model.train()
+    for step in range(1, evals[-1] + 1):
+        idx = torch.randint(0, n, (run.batch_size,), generator=g)
+        batch = {k: v[idx] for k, v in data.items()}
+        t = time.perf_counter()
+        out = stepper(batch, lr_at(step, cfg.optim, run.steps))
+        trained += time.perf_counter() - t
+        losses.append(float(out.loss))
+        if step in evals:
+            state.ema.copy_to(ema_model)
+            t = time.perf_counter()
+            with torch.no_grad():
+                images = ema_model.sample(
+                    emb,
+                    steps=args.sample_steps,
+                    guidance_scale=args.guidance,
+                    generator=torch.Generator().manual_seed(0),
+                )
+            acc = oracle_accuracy(images, heldout)
+            record = {
+                "tag": args.tag,
+                "step": step,
+                "train_s": round(trained, 1),
+                "s_per_step": round(trained / step, 3),
+                "loss": round(float(np.mean(losses[-100:])), 4),
+                **{k: round(v, 3) for k, v in acc.items()},
+                "eval_s": round(time.perf_counter() - t, 1),
+            }
+            print(json.dumps(record), flush=True)
+            if args.save:
+                from unclip.pipeline import grid, png_bytes
+
+                os.makedirs(args.save, exist_ok=True)
+                big = F.interpolate(images[:16].float(), size=64, mode="bicubic")
+                with open(f"{args.save}/{args.tag or 'run'}_{step}.png", "wb") as f:
+                    f.write(png_bytes(grid(to_uint8(big.clamp(-1, 1)), 8)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Numerics chosen by measuring (unclip.numerics) and their use in the training loop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from unclip import numerics
+from unclip.config import ConfigError
+from unclip.numerics import Numerics, NumericsCache, candidates, choose, pick, probe
+
+FP32 = Numerics("none", "contiguous", 2)
+BF16 = Numerics("bf16", "contiguous", 2)
+FP32_CL = Numerics("none", "channels_last", 2)
+BF16_CL = Numerics("bf16", "channels_last", 2)
+
+
+class FakeClock:
+    """A clock that each step advances by the option's own cost (no real timing)."""
+
+    def __init__(self, cost: dict[Numerics, float]) -> None:
+        self.now, self.cost, self.calls = 0.0, cost, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def step(self, n: Numerics) -> None:
+        self.calls.append(n)
+        self.now += self.cost[n]
+
+
+def test_pick_takes_the_fastest_when_it_beats_fp32_by_the_margin() -> None:
+    # AMX-like machine: bf16 1.3x faster
+    assert pick({FP32: 0.40, BF16: 0.30, FP32_CL: 0.39, BF16_CL: 0.33}) == BF16
+    # AVX512-BF16 without AMX (measured 2026-12: fp32 0.493, cl 0.455, bf16 0.541, bf16 cl 0.577)
+    assert pick({FP32: 0.493, FP32_CL: 0.455, BF16: 0.541, BF16_CL: 0.577}) == FP32_CL
+    # a 2% win is noise: the reference (fp32, contiguous, most threads) is kept
+    assert pick({FP32: 0.50, BF16: 0.49, FP32_CL: 0.495}) == FP32
+    assert pick({FP32: 0.50, BF16: 0.49}, margin=0.0) == BF16
+    # fewer threads must win clearly too
+    one = Numerics("none", "contiguous", 1)
+    assert pick({FP32: 0.50, one: 0.48}) == FP32 and pick({FP32: 0.50, one: 0.30}) == one
+
+
+def test_probe_times_every_option_interleaved_and_restores_rng_and_threads() -> None:
+    clock = FakeClock({FP32: 0.5, BF16: 0.3})
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    threads = torch.get_num_threads()
+
+    def step(n: Numerics) -> None:
+        torch.rand(100)  # consumes the global RNG, as a training step does
+        clock.step(n)
+
+    got = probe(step, [FP32, BF16], warmup=1, repeats=3, clock=clock)
+    assert got == {FP32: 0.5, BF16: 0.3}
+    assert clock.calls == [FP32, BF16] + [FP32, BF16] * 3  # warm-ups, then interleaved rounds
+    assert torch.equal(torch.rand(3), expected)  # the caller's random stream is untouched
+    assert torch.get_num_threads() == threads
+
+
+def test_choose_probes_caches_and_reuses_per_machine_and_workload(tmp_path) -> None:
+    cache = NumericsCache(str(tmp_path / "n.json"))
+    clock = FakeClock({FP32: 0.5, BF16: 0.3, FP32_CL: 0.45, BF16_CL: 0.35})
+
+    def step(n: Numerics) -> None:
+        clock.step(n)
+
+    opts = [FP32, BF16, FP32_CL, BF16_CL]
+    first = choose(step, opts, "decoder-a", cache)
+    assert first.source == "probe" and first.numerics == BF16
+    assert first.timings[FP32] > first.timings[BF16]
+    calls = len(clock.calls)
+    again = choose(step, opts, "decoder-a", cache)
+    assert again.source == "cache" and again.numerics == BF16 and len(clock.calls) == calls
+    other = choose(step, opts, "decoder-b", cache)  # another workload is measured afresh
+    assert other.source == "probe" and len(clock.calls) > calls
+    stored = json.loads((tmp_path / "n.json").read_text())
+    assert set(stored[numerics.machine_key()]) == {"decoder-a", "decoder-b"}
+
+
+def test_a_damaged_cache_is_measured_again(tmp_path) -> None:
+    path = tmp_path / "n.json"
+    path.write_text("{not json")
+    clock = FakeClock({FP32: 0.5, BF16: 0.3})
+    got = choose(clock.step, [FP32, BF16], "w", NumericsCache(str(path)))
+    assert got.source == "probe" and got.numerics == BF16
+    assert json.loads(path.read_text())  # rewritten whole
+
+
+def test_fewer_threads_are_tried_on_the_winner_only() -> None:
+    one = Numerics("bf16", "contiguous", 1)
+    clock = FakeClock({FP32: 0.5, BF16: 0.3, one: 0.2})
+    got = choose(clock.step, [FP32, BF16], "w", None, fewer_threads=[1])
+    assert got.numerics == one
+    assert Numerics("none", "contiguous", 1) not in clock.calls
+
+
+def test_fixed_settings_are_honoured_without_timing() -> None:
+    cpu = torch.device("cpu")
+    assert candidates(cpu, 2, amp="none", memory_format="contiguous") == [FP32]
+    assert candidates(cpu, 2, amp="bf16", memory_format="auto") == [BF16, BF16_CL]
+    assert candidates(cpu, 2, convolutional=False) == [FP32, BF16]  # no layouts to choose
+    assert set(candidates(cpu, 2)) == {FP32, BF16, FP32_CL, BF16_CL}
+
+    def never(n: Numerics) -> None:
+        raise AssertionError("a fixed choice must not be timed")
+
+    got = choose(never, [FP32], "w", None)
+    assert got.numerics == FP32 and got.source == "fixed"
+    with pytest.raises(ConfigError, match="valid choices: auto, none, bf16, fp16"):
+        candidates(cpu, 2, amp="fp8")
+
+
+def test_train_loop_records_what_it_chose_and_honours_an_override(tmp_path) -> None:
+    """A real probe of a tiny decoder in the training loop's own function, then an override
+    that skips it."""
+    from tests.test_training import TINY
+    from training.harness import choose_numerics
+    from training.presets import TrainConfig
+    from training.stages import stage_for
+    from unclip.config import DecoderConfig, merge
+
+    cfg = merge(DecoderConfig(), {**TINY["decoder"], "net": {**TINY["decoder"]["net"]}})
+    cfg = merge(cfg, {"net": {"clip_dim": 32}})
+    stage = stage_for(cfg)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "image": torch.randint(0, 256, (4, 3, 16, 16), generator=g, dtype=torch.uint8),
+        "image_emb": torch.nn.functional.normalize(torch.randn(4, 32, generator=g), dim=-1),
+    }
+    cache = NumericsCache(str(tmp_path / "n.json"))
+    auto = choose_numerics(stage, TrainConfig(), torch.device("cpu"), 2, batch, None, 1, cache)
+    assert auto.source == "probe"
+    labels = {o.label for o in auto.timings}
+    assert {
+        "fp32/contiguous/2t",
+        "fp32/channels_last/2t",
+        "bf16/contiguous/2t",
+        "bf16/channels_last/2t",
+    } <= labels
+    assert all(t > 0 for t in auto.timings.values())
+    assert auto.numerics in auto.timings
+    fixed = TrainConfig(amp="none", memory_format="channels_last", threads=2)
+    got = choose_numerics(stage, fixed, torch.device("cpu"), 2, batch, None, 1, cache)
+    assert got.source == "fixed" and got.numerics == FP32_CL
