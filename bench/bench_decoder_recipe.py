@@ -34,6 +34,7 @@ from training.data import prepare_batch  # noqa: E402
 from training.harness import Stepper, lr_at, new_state  # noqa: E402
 from training.presets import load_config_file  # noqa: E402
 from training.stages import stage_for  # noqa: E402
+from unclip.ema import EMA  # noqa: E402
 from unclip.models import build_model  # noqa: E402
 from unclip.numerics import Numerics  # noqa: E402
 from unclip.pipeline import to_uint8  # noqa: E402
@@ -53,6 +54,18 @@ def load_train(data: str, job) -> dict[str, torch.Tensor]:
     return {k: torch.cat([torch.from_numpy(a[k].copy()) for a in arrays]) for k in arrays[0]}
 
 
+def load_column(data: str, job, name: str) -> torch.Tensor:
+    """One embedding column of the training rows, in ``load_train``'s row order."""
+    from training.data import StageColumns
+
+    spec = StageColumns((name,))
+    arrays = [
+        prepare_batch(pq.read_table(f), spec, "train", job.run.heldout_fraction)[name]
+        for f in read_table_info(data).files
+    ]
+    return torch.from_numpy(np.concatenate(arrays))
+
+
 def oracle_accuracy(images: torch.Tensor, table) -> dict[str, float]:
     """images (B, 3, S, S) in [-1, 1] -> mean oracle accuracy per attribute at 64 px."""
     big = F.interpolate(images.float(), size=64, mode="bicubic", align_corners=False)
@@ -69,11 +82,18 @@ def main() -> None:
     p.add_argument("--eval-at", default="300,600,900")
     p.add_argument("--n", type=int, default=64, help="held-out rows scored")
     p.add_argument("--sample-steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--guidance", default="", help="comma list of scales (default: config)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--amp", default="none", choices=("none", "bf16"))
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--condition",
+        default="image_emb",
+        choices=("image_emb", "text_emb"),
+        help="what the decoder is conditioned on in training and evaluation (text_emb: a "
+        "test of how much the CLIP image embedding's content limits what is learnt)",
+    )
     p.add_argument("--tag", default="")
     p.add_argument("--save", default="", help="directory for sample grids")
     args = p.parse_args()
@@ -89,14 +109,19 @@ def main() -> None:
     data = load_train(args.data, job)
     heldout = load_heldout(args.data, args.n)
     emb = torch.from_numpy(
-        np.stack(heldout.column("image_emb").to_numpy(zero_copy_only=False)).astype(np.float32)
+        np.stack(heldout.column(args.condition).to_numpy(zero_copy_only=False)).astype(np.float32)
     )
+    if args.condition != "image_emb":  # train on it in place of the image embedding
+        data = {**data, "image_emb": load_column(args.data, job, args.condition)}
     n = len(data["image"])
     settings = Numerics(
         args.amp, "channels_last" if args.channels_last else "contiguous", args.threads
     )
     state = new_state(cfg, "cpu", settings.amp)
     settings.apply(state.model)
+    files = tuple(read_table_info(args.data).files)
+    if spec.prepare(state.model, files, run.heldout_fraction):  # as the Ray loop does
+        state.ema = EMA(state.model, cfg.optim.ema_decay, cfg.optim.ema_warmup)
     stepper = Stepper(spec, state.model, state, None, settings)
     ema_model = build_model(cfg).eval()
     params = sum(p.numel() for p in state.model.parameters())
@@ -116,32 +141,36 @@ def main() -> None:
         losses.append(float(out.loss))
         if step in evals:
             state.ema.copy_to(ema_model)
-            t = time.perf_counter()
-            with torch.no_grad():
-                images = ema_model.sample(
-                    emb,
-                    steps=args.sample_steps,
-                    guidance_scale=args.guidance,
-                    generator=torch.Generator().manual_seed(0),
-                )
-            acc = oracle_accuracy(images, heldout)
-            record = {
-                "tag": args.tag,
-                "step": step,
-                "train_s": round(trained, 1),
-                "s_per_step": round(trained / step, 3),
-                "loss": round(float(np.mean(losses[-100:])), 4),
-                **{k: round(v, 3) for k, v in acc.items()},
-                "eval_s": round(time.perf_counter() - t, 1),
-            }
-            print(json.dumps(record), flush=True)
-            if args.save:
-                from unclip.pipeline import grid, png_bytes
+            scales = [float(g) for g in args.guidance.split(",")] if args.guidance else [None]
+            for scale in scales:
+                t = time.perf_counter()
+                with torch.no_grad():
+                    images = ema_model.sample(
+                        emb,
+                        steps=args.sample_steps,
+                        guidance_scale=scale,
+                        generator=torch.Generator().manual_seed(0),
+                    )
+                acc = oracle_accuracy(images, heldout)
+                record = {
+                    "tag": args.tag,
+                    "step": step,
+                    "guidance": scale if scale is not None else cfg.guidance_scale,
+                    "train_s": round(trained, 1),
+                    "s_per_step": round(trained / step, 3),
+                    "loss": round(float(np.mean(losses[-100:])), 4),
+                    **{k: round(v, 3) for k, v in acc.items()},
+                    "eval_s": round(time.perf_counter() - t, 1),
+                }
+                print(json.dumps(record), flush=True)
+                if args.save:
+                    from unclip.pipeline import grid, png_bytes
 
-                os.makedirs(args.save, exist_ok=True)
-                big = F.interpolate(images[:16].float(), size=64, mode="bicubic")
-                with open(f"{args.save}/{args.tag or 'run'}_{step}.png", "wb") as f:
-                    f.write(png_bytes(grid(to_uint8(big.clamp(-1, 1)), 8)))
+                    os.makedirs(args.save, exist_ok=True)
+                    big = F.interpolate(images[:16].float(), size=64, mode="bicubic")
+                    name = f"{args.tag or 'run'}_{step}" + (f"_g{scale:g}" if scale else "")
+                    with open(f"{args.save}/{name}.png", "wb") as f:
+                        f.write(png_bytes(grid(to_uint8(big.clamp(-1, 1)), 8)))
 
 
 if __name__ == "__main__":

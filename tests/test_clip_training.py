@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from training.clip import ClipJob, evaluate, fit, plan, run
-from training.clip_data import list_pairs, read_folder, worker_batches
+from training.clip_data import HardNegatives, list_pairs, read_folder, worker_batches
 from training.clip_eval import all_combinations, caption_retrieval, zero_shot
 from training.runs import latest_checkpoint
 from unclip import fs
@@ -296,3 +296,31 @@ def test_quality_colour_well_above_chance(tmp_path: Path) -> None:
     fit(job, read_folder(data, 64, 32))
     metrics = evaluate(job, read_folder(data, 64, 32).split(0.05)[1])
     assert metrics["zero_shot"]["colour"] > 0.5, metrics
+
+
+def test_hard_negative_batches_group_images_that_differ_only_in_shape() -> None:
+    rng = np.random.default_rng(0)
+    n = 800
+    key = rng.integers(0, 100, n)  # everything but the shape (the shapes data: 400 values)
+    variant = rng.integers(0, 4, n)  # the shape
+    groups = HardNegatives(key, variant, 4)
+
+    def partnered(batches: list[np.ndarray]) -> float:
+        """Fraction of images whose batch holds one differing from it in shape only."""
+        hits = 0
+        for b in batches:
+            for i in b:
+                hits += any(key[j] == key[i] and variant[j] != variant[i] for j in b)
+        return hits / sum(len(b) for b in batches)
+
+    grouped = worker_batches(n, 16, 0, 1, seed=1, groups=groups)
+    epoch = [next(grouped)[1] for _ in range(n // 16)]
+    rows = np.concatenate(epoch)
+    assert len(set(rows.tolist())) == len(rows) == n  # an epoch: every image once
+    plain = worker_batches(n, 16, 0, 1, seed=1)
+    assert partnered(epoch) > 0.8
+    assert partnered([next(plain)[1] for _ in range(n // 16)]) < 0.2
+    # two workers still split each global batch, groups included
+    two = [worker_batches(n, 16, r, 2, seed=1, groups=groups) for r in range(2)]
+    (_, r0), (_, r1) = next(two[0]), next(two[1])
+    assert sorted([*r0, *r1]) == sorted(epoch[0].tolist())

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from pipelines.demo import PRESETS, _is_done, _mark, stages
+from pipelines.demo import PRESETS, _is_done, _mark, _report, cut_short, stages, training_record
 from unclip.cli import build_parser
 
 
@@ -38,3 +39,48 @@ def test_a_stage_is_skipped_only_when_its_outputs_and_command_match(tmp_path: Pa
     assert not _is_done(tmp_path, clip, "full")  # another preset reruns it
     full_clip = {s.name: s for s in stages(tmp_path, PRESETS["full"], gpu=False)}["clip"]
     assert not _is_done(tmp_path, full_clip, "quick")  # another command reruns it
+
+
+def test_a_stage_cut_short_is_reported_in_console_report_and_eval_json(tmp_path: Path) -> None:
+    w = tmp_path
+    (w / "clip").mkdir()
+    (w / "clip" / "metrics.json").write_text(
+        json.dumps({"steps": 240, "steps_planned": 240, "stopped_early": False})
+    )
+    (w / "decoder").mkdir()
+    (w / "decoder" / "training.json").write_text(
+        json.dumps(
+            {
+                "steps_done": 550,
+                "steps_planned": 1000,
+                "stopped_early": "time limit of 7 min reached",
+                "numerics": "fp32/channels_last/2t",
+            }
+        )
+    )
+    training = {n: r for n in ("clip", "prior", "decoder") if (r := training_record(w, n))}
+    assert set(training) == {"clip", "decoder"}  # the prior left no record here
+    assert cut_short(training) == ["decoder (550 of 1000 steps)"]
+    row = {
+        "method": "diffusion_prior",
+        "oracle": {"colour": 1.0, "shape": 1.0, "size": 1.0, "position": 1.0, "all": 1.0},
+        "clip_score": 0.9,
+        "retrieval_top1": 1.0,
+        "fd": 0.1,
+        "n": 4,
+    }
+    (w / "eval.json").write_text(json.dumps({"rows": [row]}))
+    _report(w, PRESETS["quick"], {"clip": 100.0, "decoder": 420.0}, "http://x", training)
+    ev = json.loads((w / "eval.json").read_text())
+    assert ev["cut_short"] == ["decoder (550 of 1000 steps)"]
+    assert ev["training"]["decoder"]["steps_done"] == 550
+    report = (w / "report.md").read_text()
+    assert "Not a full run" in report and "decoder (550 of 1000 steps)" in report
+    assert "550 / 1000, fp32/channels_last/2t **cut short**" in report
+    assert "240 / 240 |" in report  # the CLIP ran all its steps: not marked
+
+    # a complete run says nothing of the kind
+    training["decoder"] = {**training["decoder"], "steps_done": 1000, "stopped_early": None}
+    _report(w, PRESETS["quick"], {"clip": 100.0}, "http://x", training)
+    assert "Not a full run" not in (w / "report.md").read_text()
+    assert json.loads((w / "eval.json").read_text())["cut_short"] == []

@@ -80,7 +80,7 @@ def test_decoder_overfits_one_image(patch: int) -> None:
     cfg = DecoderConfig(
         net=UNetConfig(
             image_size=S,
-            base_channels=32,
+            base_channels=32 * patch,  # 4x fewer positions, 2x the channels
             channel_mult=(1, 2),
             attention_resolutions=(8 // patch,),
             clip_dim=16,
@@ -193,3 +193,24 @@ def test_bundle_pipeline_is_deterministic_and_checks_compatibility(tmp_path) -> 
         )
     with pytest.raises(CheckpointError, match="not a bundle"):
         UnclipPipeline.from_bundle(str(tmp_path / "nothing"))
+
+
+def test_whitened_conditioning_equalises_the_embedding_directions() -> None:
+    """``clip_whiten``: after fitting on training embeddings, the high-variance directions
+    reach the network at unit scale and low-variance ones are amplified, not zeroed."""
+    torch.manual_seed(0)
+    D = 16
+    scales = torch.tensor([3.0, 1.0, 0.3] + [0.01] * (D - 3))
+    emb = F.normalize(torch.randn(4000, D) * scales + 5 * F.one_hot(torch.tensor(0), D), dim=-1)
+    net = build_model(
+        DecoderConfig(net=UNetConfig(image_size=8, channel_mult=(1,), clip_dim=D, clip_whiten=True))
+    ).net
+    net.fit_whitening(emb)
+    z = (emb - net.clip_mean) @ net.clip_whitening
+    cov = torch.cov(z.T)
+    evals = torch.linalg.eigvalsh(cov)
+    assert torch.allclose(z.mean(0), torch.zeros(D), atol=1e-4)
+    assert (evals[-3:] > 0.9).all()  # the informative directions: about unit variance
+    assert evals.min() > 0.01 and evals.max() < 1.01  # nearly empty ones floored, not inf
+    # the whitening is part of the model's state: saved and restored with the weights
+    assert {"clip_mean", "clip_whitening"} <= set(net.state_dict())

@@ -56,7 +56,7 @@ def test_probe_times_every_option_interleaved_and_restores_rng_and_threads() -> 
         clock.step(n)
 
     got = probe(step, [FP32, BF16], warmup=1, repeats=3, clock=clock)
-    assert got == {FP32: 0.5, BF16: 0.3}
+    assert got == pytest.approx({FP32: 0.5, BF16: 0.3})
     assert clock.calls == [FP32, BF16] + [FP32, BF16] * 3  # warm-ups, then interleaved rounds
     assert torch.equal(torch.rand(3), expected)  # the caller's random stream is untouched
     assert torch.get_num_threads() == threads
@@ -70,13 +70,15 @@ def test_choose_probes_caches_and_reuses_per_machine_and_workload(tmp_path) -> N
         clock.step(n)
 
     opts = [FP32, BF16, FP32_CL, BF16_CL]
-    first = choose(step, opts, "decoder-a", cache)
+    first = choose(step, opts, "decoder-a", cache, clock=clock)
     assert first.source == "probe" and first.numerics == BF16
     assert first.timings[FP32] > first.timings[BF16]
     calls = len(clock.calls)
-    again = choose(step, opts, "decoder-a", cache)
+    again = choose(step, opts, "decoder-a", cache, clock=clock)
     assert again.source == "cache" and again.numerics == BF16 and len(clock.calls) == calls
-    other = choose(step, opts, "decoder-b", cache)  # another workload is measured afresh
+    other = choose(
+        step, opts, "decoder-b", cache, clock=clock
+    )  # another workload is measured afresh
     assert other.source == "probe" and len(clock.calls) > calls
     stored = json.loads((tmp_path / "n.json").read_text())
     assert set(stored[numerics.machine_key()]) == {"decoder-a", "decoder-b"}
@@ -86,7 +88,7 @@ def test_a_damaged_cache_is_measured_again(tmp_path) -> None:
     path = tmp_path / "n.json"
     path.write_text("{not json")
     clock = FakeClock({FP32: 0.5, BF16: 0.3})
-    got = choose(clock.step, [FP32, BF16], "w", NumericsCache(str(path)))
+    got = choose(clock.step, [FP32, BF16], "w", NumericsCache(str(path)), clock=clock)
     assert got.source == "probe" and got.numerics == BF16
     assert json.loads(path.read_text())  # rewritten whole
 
@@ -94,7 +96,7 @@ def test_a_damaged_cache_is_measured_again(tmp_path) -> None:
 def test_fewer_threads_are_tried_on_the_winner_only() -> None:
     one = Numerics("bf16", "contiguous", 1)
     clock = FakeClock({FP32: 0.5, BF16: 0.3, one: 0.2})
-    got = choose(clock.step, [FP32, BF16], "w", None, fewer_threads=[1])
+    got = choose(clock.step, [FP32, BF16], "w", None, fewer_threads=[1], clock=clock)
     assert got.numerics == one
     assert Numerics("none", "contiguous", 1) not in clock.calls
 

@@ -306,11 +306,12 @@ def test_bf16_and_channels_last_steps_follow_fp32_steps(data) -> None:
         torch.manual_seed(0)  # same init, same timesteps and noise
         state = new_state(cfg, "cpu", n.amp)
         n.apply(state.model)
-        start = torch.nn.utils.parameters_to_vector(state.model.parameters()).clone()
+        flat = lambda m: torch.cat([p.detach().reshape(-1) for p in m.parameters()])  # noqa: E731
+        start = flat(state.model)
         stepper = Stepper(stage_for(cfg), state.model, state, settings=n)
         losses = [float(stepper(batch, lr=1e-3).loss) for _ in range(8)]
         assert all(p.dtype == torch.float32 for p in state.model.parameters())
-        moved = torch.nn.utils.parameters_to_vector(state.model.parameters()) - start
+        moved = flat(state.model) - start
         runs[n.label] = (np.array(losses), moved)
     l32, d32 = runs["fp32/contiguous/1t"]
     for label in ("bf16/contiguous/1t", "fp32/channels_last/1t"):
@@ -365,7 +366,14 @@ def test_cli_trains_the_prior_into_the_design_checkpoint(data, ray_session, tmp_
         assert torch.equal(v, state["ema"][k])  # model.safetensors holds the EMA weights
     assert any(not torch.equal(state["model"][k], state["ema"][k]) for k in state["ema"])
     assert json.loads((tmp_path / "prior" / "train_config.json").read_text())["steps"] == 8
-    records = [json.loads(x) for x in (tmp_path / "prior.run" / "metrics.jsonl").open()]
+    summary = json.loads((tmp_path / "prior" / "training.json").read_text())
+    assert summary["steps_done"] == summary["steps_planned"] == 8
+    assert summary["stopped_early"] is None and summary["numerics"]
+    all_records = [json.loads(x) for x in (tmp_path / "prior.run" / "metrics.jsonl").open()]
+    head = all_records[0]  # what the numerics probe chose, before step 1
+    assert head["step"] == 0 and head["numerics"] == summary["numerics"]
+    assert head["numerics"] in head["numerics_timings"] or head["numerics_source"] == "fixed"
+    records = [r for r in all_records if "loss" in r]
     assert [r["step"] for r in records] == [2, 4, 6, 8]
     evals = [r for r in records if "heldout_cos" in r]
     assert [r["step"] for r in evals] == [4, 8]
@@ -385,3 +393,46 @@ def test_cli_trains_the_prior_into_the_design_checkpoint(data, ray_session, tmp_
         == 1
     )
     assert "nothing to resume" in capsys.readouterr().err
+
+
+class _Shard:
+    """A dataset shard stand-in: ``iter_torch_batches`` over rows 0..n-1."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.passes = n, 0
+
+    def iter_torch_batches(self, batch_size: int, device: str):
+        self.passes += 1
+        for i in range(0, self.n, 3):  # uneven blocks, as Ray Data yields them
+            rows = torch.arange(i, min(i + 3, self.n))
+            yield {"row": rows, "image_emb": rows[:, None].float().expand(-1, 2)}
+
+
+def test_cached_data_is_read_once_and_every_epoch_visits_each_row_once() -> None:
+    from training.harness import in_memory_batches
+
+    shard = _Shard(10)
+    batches = in_memory_batches(shard, TrainConfig(batch_size=4), torch.device("cpu"), seed=0)
+    epochs = [[next(batches) for _ in range(2)] for _ in range(3)]  # 10 rows: 2 full batches
+    assert shard.passes == 1  # the data pipeline ran once, not once per epoch
+    orders = []
+    for epoch in epochs:
+        rows = torch.cat([b["row"] for b in epoch])
+        assert len(set(rows.tolist())) == 8  # no row twice within an epoch
+        assert torch.equal(torch.cat([b["image_emb"][:, 0] for b in epoch]).long(), rows)
+        orders.append(rows.tolist())
+    assert orders[0] != orders[1]  # a fresh order every epoch
+    with pytest.raises(DataError, match="fewer than one batch"):
+        next(in_memory_batches(_Shard(3), TrainConfig(batch_size=4), torch.device("cpu"), 0))
+
+
+def test_a_split_too_big_for_memory_is_streamed_with_a_message(data, capsys) -> None:
+    from training.cli import fit_cache, split_bytes
+
+    job = plan("decoder", data["table"], "/nonexistent/d", overrides=tiny("decoder"))
+    need = split_bytes(job)
+    assert need > 0
+    assert fit_cache(job, budget=need) is job  # fits: cached
+    streamed = fit_cache(job, budget=need - 1)
+    assert streamed.run.cache_data is False and streamed.stage == job.stage
+    assert "streaming it through Ray Data" in capsys.readouterr().out

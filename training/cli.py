@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             storage=args.storage,
         )
+        job = fit_cache(job)
         describe(job)
         outcome = execute(job)
     except DataError as e:
@@ -216,6 +218,44 @@ def _bind_clip(cfg: StageConfig, info: TableInfo, explicit: set[str] | None) -> 
     return cfg
 
 
+def memory_budget() -> int:
+    """Bytes a node may spend on cached training data: a quarter of its memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):  # not POSIX: a quarter of an assumed 8 GiB
+        return 2 * 1024**3
+
+
+def split_bytes(job: TrainJob) -> int:
+    """Decoded size of the training split (all workers): what ``cache_data`` holds."""
+    columns = stage_for(job.stage).columns()
+    per_row = 0
+    for name in columns.columns:
+        if name == "image":
+            per_row += 3 * columns.image_size**2
+        elif name in ("text_emb", "image_emb"):
+            per_row += 4 * job.table.embed_dim
+        elif name == "text_tokens":
+            per_row += 4 * columns.context_length
+    return int(job.table.num_rows * (1 - job.run.heldout_fraction) * per_row)
+
+
+def fit_cache(job: TrainJob, budget: int | None = None) -> TrainJob:
+    """The job with ``cache_data`` off if the decoded split would not fit in memory."""
+    if not job.run.cache_data:
+        return job
+    need, budget = split_bytes(job), memory_budget() if budget is None else budget
+    if need <= budget:
+        return job
+    print(
+        f"[{job.stage.stage}] the decoded training split (~{need / 1e9:.1f} GB) exceeds the "
+        f"in-memory budget ({budget / 1e9:.1f} GB, a quarter of this node's memory): "
+        "streaming it through Ray Data instead of caching it (train.cache_data)",
+        flush=True,
+    )
+    return replace(job, run=replace(job.run, cache_data=False))
+
+
 def describe(job: TrainJob) -> None:
     cfg, run = job.stage, job.run
     from unclip.models import build_model, count_parameters
@@ -250,8 +290,6 @@ def execute(job: TrainJob) -> TrainOutcome:
     columns: StageColumns = stage.columns()
     frac = job.run.heldout_fraction
     train = read_split(job.table, columns, "train", frac)
-    if job.run.cache_data:  # decode once; later epochs read from the object store
-        train = train.materialize()
     datasets = {
         "train": train,
         "heldout": _in_file_order(read_split(job.table, columns, "heldout", frac)),

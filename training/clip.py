@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from training.clip_data import (
+    HardNegatives,
     ImageTextData,
     augment,
     normalise,
@@ -121,6 +122,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
         data = ray.get(data)
     images, tokens = data["images"], data["tokens"]  # (N, 3, S, S) uint8, (N, L) int32
+    groups = None
+    if cfg.hard_negatives and "group_key" in data:
+        groups = HardNegatives(data["group_key"], data["group_variant"], cfg.hard_negatives)
     device = ray.train.torch.get_device() if world > 1 or config.get("gpu") else torch.device("cpu")
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker
@@ -139,7 +143,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
     t_start, last_log, losses = time.perf_counter(), time.perf_counter(), []
     step = start
-    for step, rows in worker_batches(len(images), cfg.batch_size, rank, world, cfg.seed, start):
+    batches = worker_batches(len(images), cfg.batch_size, rank, world, cfg.seed, start, groups)
+    for step, rows in batches:
         if step >= cfg.steps or _out_of_time(cfg, t_start, world, device):
             break
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
@@ -283,6 +288,8 @@ def fit(job: ClipJob, train: ImageTextData) -> tuple[int, dict[str, Any]]:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     arrays = {"images": train.images, "tokens": train.tokens}
+    if job.train.hard_negatives:
+        arrays.update(shape_groups(job.data, train.ids))
     loop_config: dict[str, Any] = {"train": config_to_dict(job.train), "gpu": job.gpu}
     local_dir = None
     if job.workers == 0:
@@ -317,6 +324,33 @@ def fit(job: ClipJob, train: ImageTextData) -> tuple[int, dict[str, Any]]:
     finally:
         if local_dir:
             shutil.rmtree(local_dir, ignore_errors=True)
+
+
+def shape_groups(folder: str, ids: list[str]) -> dict[str, np.ndarray]:
+    """``group_key`` / ``group_variant`` arrays for hard-negative batches: from the shapes
+    dataset's ``attributes.parquet`` (every attribute but the shape / the shape), or none
+    (random batches) for a folder without one."""
+    uri = fs.join(folder, "attributes.parquet")
+    if not fs.exists(uri):
+        say("[clip] hard_negatives: no attributes.parquet in the folder; random batches")
+        return {}
+    import pyarrow.parquet as pq
+
+    pafs, path = fs.pyarrow_fs(uri)
+    rows = {r.pop("id"): r for r in pq.read_table(path, filesystem=pafs).to_pylist()}
+    keys: dict[tuple, int] = {}
+    shapes: dict[str, int] = {}
+    key, variant = np.zeros(len(ids), np.int64), np.zeros(len(ids), np.int64)
+    for i, row_id in enumerate(ids):
+        row = rows.get(row_id)
+        if row is None:  # an image the attributes do not describe: a group of its own
+            key[i], variant[i] = -1 - i, 0
+            continue
+        shape = row.pop("shape")
+        row.pop("caption", None)
+        key[i] = keys.setdefault(tuple(sorted(row.items())), len(keys))
+        variant[i] = shapes.setdefault(shape, len(shapes))
+    return {"group_key": key, "group_variant": variant}
 
 
 def storage_filesystem(uri: str) -> tuple[Any, str]:

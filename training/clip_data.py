@@ -178,13 +178,72 @@ def augment(x: Tensor, fraction: float, generator: torch.Generator) -> Tensor:
     return x
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The same permutation of ``range(n)`` on every worker for (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+def epoch_order(n: int, seed: int, epoch: int, groups: HardNegatives | None = None) -> np.ndarray:
+    """The same order of ``range(n)`` on every worker for (seed, epoch): a permutation, or
+    with ``groups`` a permutation of hard-negative groups (``hard_negative_order``)."""
+    rng = np.random.default_rng([seed, epoch])
+    if groups is None:
+        return rng.permutation(n)
+    return hard_negative_order(groups, rng)
+
+
+@dataclass(frozen=True)
+class HardNegatives:
+    """Which images differ in one attribute only: ``key`` (N,) ids of everything else about
+    an image, ``variant`` (N,) the attribute that may differ; ``size`` images per group."""
+
+    key: np.ndarray
+    variant: np.ndarray
+    size: int
+
+
+def hard_negative_order(groups: HardNegatives, rng: np.random.Generator) -> np.ndarray:
+    """A random order of every index in which consecutive runs of up to ``groups.size``
+    images share their ``key`` and differ in ``variant``, e.g. a red circle, a red square, a
+    red triangle and a red cross, all small, top left, on grey.
+
+    With random batches, two images that differ only in shape almost never meet in a batch
+    of 128 of the shapes data (400 combinations of the other attributes), so the
+    contrastive loss has no reason to encode shape; with groups every batch asks for it.
+    Groups stay whole in batches whose size is a multiple of ``groups.size``.
+    """
+    n = len(groups.key)
+    order = rng.permutation(n)
+    pools: dict[tuple[int, int], list[int]] = {}
+    for i in order:  # shuffled pools of each (key, variant)
+        pools.setdefault((int(groups.key[i]), int(groups.variant[i])), []).append(int(i))
+    variants = np.unique(groups.variant)
+    used = np.zeros(n, dtype=bool)
+    out: list[int] = []
+    for i in order:
+        if used[i]:
+            continue
+        members, key = [int(i)], int(groups.key[i])
+        used[i] = True
+        for v in rng.permutation(variants):
+            if len(members) == groups.size:
+                break
+            if v == groups.variant[i]:
+                continue
+            pool = pools.get((key, int(v)), [])
+            while pool and used[pool[-1]]:
+                pool.pop()
+            if pool:
+                j = pool.pop()
+                used[j] = True
+                members.append(j)
+        out.extend(members)
+    return np.asarray(out)
 
 
 def worker_batches(
-    n: int, global_batch: int, rank: int, world: int, seed: int, start_step: int = 0
+    n: int,
+    global_batch: int,
+    rank: int,
+    world: int,
+    seed: int,
+    start_step: int = 0,
+    groups: HardNegatives | None = None,
 ):
     """Yield (step, index array) for this worker forever, from ``start_step`` on.
 
@@ -200,7 +259,7 @@ def worker_batches(
     step = start_step
     while True:
         epoch, k = divmod(step, per_epoch)
-        order = epoch_order(n, seed, epoch)
+        order = epoch_order(n, seed, epoch, groups)
         rows = order[k * global_batch : (k + 1) * global_batch]
         yield step, np.sort(rows[rank::world])
         step += 1

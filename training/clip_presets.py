@@ -111,6 +111,8 @@ class ClipTrainConfig:
     weight_decay: float = 0.1  # not on norms, biases, embeddings, logit scale
     grad_clip: float = 1.0
     upsample_fraction: float = 0.25  # images trained as 32 px bicubically upsampled to 64
+    hard_negatives: int = 0  # shapes folders (attributes.parquet): batches of groups of this
+    # many images that differ only in their shape (0 = random batches; see clip_data)
     seed: int = 0
     threads: int = 0  # torch threads per worker (0: cores of the node / workers on it)
     cpus_per_worker: float = 0.5  # Ray resources: 2 workers fit on 2 CPUs
@@ -128,6 +130,13 @@ class ClipTrainConfig:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hard_negatives < 0 or (
+            self.hard_negatives and self.batch_size % self.hard_negatives
+        ):
+            raise ConfigError(
+                f"hard_negatives must be 0 or divide batch_size {self.batch_size}, "
+                f"got {self.hard_negatives}"
+            )
         if not 0 <= self.upsample_fraction <= 1:
             raise ConfigError(f"upsample_fraction must be in [0, 1], got {self.upsample_fraction}")
         if self.lr <= 0 or self.warmup_steps < 0:

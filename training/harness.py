@@ -270,6 +270,32 @@ def endless_batches(shard: Any, run: TrainConfig, device: torch.device) -> Itera
             )
 
 
+def in_memory_batches(
+    shard: Any, run: TrainConfig, device: torch.device, seed: int
+) -> Iterator[Batch]:
+    """This worker's whole shard read once into tensors, then batches in a fresh random
+    order every epoch (``train.cache_data``: small tables). Between steps there is then no
+    data pipeline at all: streaming batches through Ray Data's iterator in the training
+    process cost 40% per decoder step on 2 cores (its threads preempt torch's)."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for batch in shard.iter_torch_batches(batch_size=4096, device="cpu"):
+        for k, v in batch.items():
+            parts.setdefault(k, []).append(v)
+    data = {k: torch.cat(v) for k, v in parts.items()}
+    n = len(next(iter(data.values()))) if data else 0
+    if n < run.batch_size:
+        raise DataError(
+            f"the training split has {n} rows per worker, fewer than one batch "
+            f"({run.batch_size}); lower train.batch_size or add data"
+        )
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n - run.batch_size + 1, run.batch_size):
+            idx = order[i : i + run.batch_size]
+            yield {k: v[idx].to(device) for k, v in data.items()}
+
+
 def first_rows(dataset: Any, n: int) -> Batch | None:
     """The first ``n`` rows of a (small) dataset as one batch, or None if it is empty."""
     for batch in dataset.iter_torch_batches(batch_size=n, device="cpu"):
@@ -393,7 +419,11 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     _write_pid(run, rank)
 
     clip = load_clip(stage, device) if stage.needs_clip() else None
-    batches = endless_batches(ray.train.get_dataset_shard("train"), run, device)
+    shard = ray.train.get_dataset_shard("train")
+    if run.cache_data:
+        batches = in_memory_batches(shard, run, device, _seed(run.seed, rank, 0))
+    else:
+        batches = endless_batches(shard, run, device)
     first = next(batches)  # probed on, then trained on first: the data order is unchanged
     batches = itertools.chain([first], batches)
 

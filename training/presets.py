@@ -67,7 +67,8 @@ class TrainConfig:
     eval_rows: int = 256  # held-out rows used by an evaluation (prior cosine)
     eval_images: int = 8  # images in a sample grid (decoder / upsampler)
     shuffle_buffer: int = 2048  # rows in the local shuffle buffer of each worker
-    cache_data: bool = True  # materialize the decoded training split once (small tables)
+    cache_data: bool = True  # hold each worker's decoded training split in memory (small
+    # tables; the driver falls back to streaming when it would not fit)
     # numerics: "auto" = time a few real steps under each choice on this machine and keep
     # the fastest (unclip.numerics; cached per machine); a value fixes it
     amp: AmpChoice = "auto"  # autocast dtype: none (fp32), bf16, fp16 (GPU only)

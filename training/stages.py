@@ -188,6 +188,17 @@ class DecoderStage(Stage):
     def needs_clip(self, for_eval: bool = False) -> bool:
         return self.text_width > 0 or (for_eval and bool(self.config.clip.model))
 
+    def prepare(self, model: nn.Module, data_files: tuple[str, ...], heldout: float) -> bool:
+        """With ``net.clip_whiten``: fit the conditioning's whitening on training embeddings."""
+        assert isinstance(model, Decoder)
+        if not self.config.net.clip_whiten:
+            return False
+        image_emb, _ = train_embeddings(data_files, self.fit_rows, heldout)
+        model.net.fit_whitening(torch.from_numpy(image_emb))
+        return True
+
+    fit_rows: int = 20_000
+
     def loss(self, model: nn.Module, batch: Batch, text: TextCond | None) -> Tensor:
         return model(to_unit(batch["image"]), batch["image_emb"].float(), text)
 

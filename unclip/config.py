@@ -18,12 +18,14 @@ Schedule = Literal["cosine", "linear"]
 Prediction = Literal["eps", "x0", "v"]
 Variance = Literal["fixed_small", "fixed_large"]
 LossWeighting = Literal["none", "min_snr"]
+TimestepSampling = Literal["uniform", "logit_normal"]
 Degradation = Literal["none", "blur", "bsr"]
 
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 PREDICTIONS: tuple[str, ...] = get_args(Prediction)
 VARIANCES: tuple[str, ...] = get_args(Variance)
 LOSS_WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
+TIMESTEP_SAMPLINGS: tuple[str, ...] = get_args(TimestepSampling)
 DEGRADATIONS: tuple[str, ...] = get_args(Degradation)
 
 
@@ -48,6 +50,11 @@ class DiffusionConfig:
     variance: Variance = "fixed_small"
     loss_weighting: LossWeighting = "none"
     min_snr_gamma: float = 5.0
+    # training timesteps: uniform, or t / T = sigmoid(N(mean, std)) (logit-normal: most
+    # training on the middle of the schedule, where shapes form, less at its two ends)
+    timestep_sampling: TimestepSampling = "uniform"
+    timestep_mean: float = 0.0
+    timestep_std: float = 1.0
     clip_denoised: bool = True  # clamp predicted x0 to [-1, 1] while sampling (images)
 
     def __post_init__(self) -> None:
@@ -55,6 +62,9 @@ class DiffusionConfig:
         check_choice("prediction", self.prediction, PREDICTIONS)
         check_choice("variance", self.variance, VARIANCES)
         check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        check_choice("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
+        if self.timestep_std <= 0:
+            raise ConfigError(f"timestep_std must be > 0, got {self.timestep_std}")
         if self.timesteps < 2:
             raise ConfigError(f"timesteps must be >= 2, got {self.timesteps}")
 
@@ -97,6 +107,10 @@ class UNetConfig:
     max_text_len: int = 32
     low_res_channels: int = 0  # > 0: upsampler, concatenates the upsampled low-res image
     groups: int = 8  # GroupNorm groups
+    clip_whiten: bool = False  # condition on the CLIP embedding whitened with the training
+    # embeddings' mean and covariance (fitted before step 1): attributes that move the
+    # embedding little (shape) reach the projections at the scale of those that move it a
+    # lot (colour, position)
     coords: bool = False  # feed x, y coordinate channels with the input (CoordConv): every
     # position knows where it is, so a global embedding can say where to draw
     patch_size: int = 1  # > 1: the UNet runs on P x P pixel patches (pixel-unshuffle), its

@@ -20,6 +20,7 @@ from unclip.config import (
     LOSS_WEIGHTINGS,
     PREDICTIONS,
     SCHEDULES,
+    TIMESTEP_SAMPLINGS,
     VARIANCES,
     DiffusionConfig,
     check_choice,
@@ -104,11 +105,18 @@ class GaussianDiffusion:
         clip_denoised: bool = True,
         timestep_map: Sequence[int] | None = None,
         alphas_cumprod: np.ndarray | None = None,
+        timestep_sampling: str = "uniform",
+        timestep_mean: float = 0.0,
+        timestep_std: float = 1.0,
     ) -> None:
         self.prediction = check_choice("prediction", prediction, PREDICTIONS)
         self.variance = check_choice("variance", variance, VARIANCES)
         self.loss_weighting = check_choice("loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
         self.min_snr_gamma = float(min_snr_gamma)
+        self.timestep_sampling = check_choice(
+            "timestep_sampling", timestep_sampling, TIMESTEP_SAMPLINGS
+        )
+        self.timestep_mean, self.timestep_std = float(timestep_mean), float(timestep_std)
         self.clip_denoised = clip_denoised
         betas = np.asarray(betas, dtype=np.float64)
         assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all()
@@ -152,6 +160,9 @@ class GaussianDiffusion:
             loss_weighting=cfg.loss_weighting,
             min_snr_gamma=cfg.min_snr_gamma,
             clip_denoised=cfg.clip_denoised,
+            timestep_sampling=cfg.timestep_sampling,
+            timestep_mean=cfg.timestep_mean,
+            timestep_std=cfg.timestep_std,
         )
 
     def respace(self, steps: int | Sequence[int]) -> GaussianDiffusion:
@@ -273,8 +284,8 @@ class GaussianDiffusion:
         noise: Tensor | None = None,
     ) -> Tensor:
         """Per-example loss (B,): weighted MSE between the output and its target."""
-        if noise is None:
-            noise = torch.randn_like(x0)
+        if noise is None:  # drawn in logical order: the same noise whatever x0's memory format
+            noise = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device)
         x_t = self.q_sample(x0, t, noise)
         out = self._model(model_fn, x_t, t)
         assert out.shape == x0.shape, f"model output {tuple(out.shape)} != x0 {tuple(x0.shape)}"
@@ -299,8 +310,12 @@ class GaussianDiffusion:
         device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Uniform training timesteps (B,)."""
-        return torch.randint(0, self.num_timesteps, (batch,), generator=generator).to(device)
+        """Training timesteps (B,): uniform, or logit-normal (``timestep_sampling``)."""
+        if self.timestep_sampling == "uniform":
+            return torch.randint(0, self.num_timesteps, (batch,), generator=generator).to(device)
+        z = torch.randn(batch, generator=generator) * self.timestep_std + self.timestep_mean
+        t = (torch.sigmoid(z) * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
+        return t.to(device)
 
     # ------------------------------------------------------------------ DDPM
     def p_mean_variance(

@@ -291,6 +291,7 @@ def choose(
     margin: float = DEFAULT_MARGIN,
     warmup: int = 1,
     repeats: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Choice:
     """Cached ``pick(probe(...))`` over ``options``, then the winner again at each of
     ``fewer_threads`` (a second, short round: threads rarely change which dtype wins).
@@ -303,11 +304,11 @@ def choose(
         hit = cache.get(workload)
         if hit is not None and set(options) <= set(hit[1]):
             return Choice(hit[0], hit[1], "cache")
-    timings = probe(step_fn, options, warmup=warmup, repeats=repeats)
+    timings = probe(step_fn, options, warmup=warmup, repeats=repeats, clock=clock)
     chosen = pick(timings, margin)
     alternatives = [replace(chosen, threads=t) for t in fewer if t != chosen.threads]
     if alternatives:
-        more = probe(step_fn, [chosen, *alternatives], warmup=warmup, repeats=repeats)
+        more = probe(step_fn, [chosen, *alternatives], warmup, repeats, clock)
         # the winner's own time is re-measured in the same rounds as its alternatives
         second = pick({o: more[o] for o in (chosen, *alternatives)}, margin)
         timings.update({o: more[o] for o in alternatives})

@@ -102,6 +102,9 @@ class UNet(nn.Module):
             self.clip_to_emb = nn.Linear(cfg.clip_dim, emb_dim)
             self.clip_to_tokens = nn.Linear(cfg.clip_dim, cfg.clip_tokens * emb_dim)
             self.null_clip = nn.Parameter(torch.randn(cfg.clip_dim) / cfg.clip_dim**0.5)
+            if cfg.clip_whiten:  # fitted on training embeddings (fit_whitening), then fixed
+                self.register_buffer("clip_mean", torch.zeros(cfg.clip_dim))
+                self.register_buffer("clip_whitening", torch.eye(cfg.clip_dim))
         if cfg.text_width:
             self.text_to_ctx = nn.Linear(cfg.text_width, emb_dim)
             self.null_text_states = nn.Parameter(
@@ -165,6 +168,20 @@ class UNet(nn.Module):
             zero_module(nn.Conv2d(ch, cfg.out_channels * P2, 3, padding=1)),
         )
 
+    @torch.no_grad()
+    def fit_whitening(self, emb: Tensor, eps: float = 1e-2) -> None:
+        """Fit the conditioning's whitening (``clip_whiten``) on training embeddings (N, D):
+        ZCA with the eigenvalues floored at ``eps`` times the largest, so the nearly empty
+        directions of the embedding space are not blown up into noise."""
+        assert self.cfg.clip_whiten, "clip_whiten is off"
+        z = emb.double()
+        mean = z.mean(0)
+        evals, evecs = torch.linalg.eigh(torch.cov((z - mean).T))
+        floor = eps * evals.max()
+        scale = (evals.clamp(min=0) + floor).rsqrt()
+        self.clip_mean.copy_(mean.float())
+        self.clip_whitening.copy_((evecs * scale) @ evecs.T)
+
     def forward(
         self,
         x: Tensor,
@@ -200,6 +217,8 @@ class UNet(nn.Module):
         ctx_parts: list[Tensor] = []
         if cfg.clip_dim:
             assert clip_emb is not None and clip_emb.shape == (B, cfg.clip_dim), "need clip_emb"
+            if cfg.clip_whiten:  # (B, D) @ (D, D)
+                clip_emb = (clip_emb.float() - self.clip_mean) @ self.clip_whitening
             clip_emb = replace_where(clip_drop, clip_emb.to(x.dtype), self.null_clip)
             emb = emb + self.clip_to_emb(clip_emb)
             ctx_parts.append(self.clip_to_tokens(clip_emb).reshape(B, cfg.clip_tokens, -1))
