@@ -66,6 +66,40 @@ def load_column(data: str, job, name: str) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(arrays))
 
 
+def train_attributes(data: str, job) -> list[dict]:
+    """Attribute rows of the training split, in ``load_train``'s row order."""
+    from training.data import heldout_mask
+    from unclip import fs
+
+    ids = []
+    for f in read_table_info(data).files:
+        col = pq.read_table(f, columns=["id"]).column("id").to_pylist()
+        keep = ~heldout_mask(col, job.run.heldout_fraction)
+        ids += [i for i, k in zip(col, keep, strict=True) if k]
+    source = pq.read_table(read_table_info(data).files[0], columns=["source"])
+    folder = os.path.dirname(source.column("source")[0].as_py())
+    attrs = pq.read_table(fs.join(folder, "attributes.parquet")).to_pylist()
+    by_id = {r["id"]: r for r in attrs}
+    return [by_id[i] for i in ids]
+
+
+def attribute_codes(rows: list[dict], dim: int = 128) -> torch.Tensor:
+    """(N, dim): per row the normalised sum of a fixed random unit vector per attribute
+    value (colour, shape, size, position, background): perfect, compositional conditioning."""
+    import zlib
+
+    def code(name: str) -> torch.Tensor:  # the same vector for a value in every call
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        return F.normalize(torch.randn(dim, generator=g), dim=0)
+
+    keys = ("colour", "shape", "size", "position", "background")
+    out = torch.zeros(len(rows), dim)
+    for i, row in enumerate(rows):
+        for k in keys:
+            out[i] += code(f"{k}={row[k]}")
+    return F.normalize(out, dim=-1)
+
+
 def oracle_accuracy(images: torch.Tensor, table) -> dict[str, float]:
     """images (B, 3, S, S) in [-1, 1] -> mean oracle accuracy per attribute at 64 px."""
     big = F.interpolate(images.float(), size=64, mode="bicubic", align_corners=False)
@@ -83,6 +117,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=64, help="held-out rows scored")
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--guidance", default="", help="comma list of scales (default: config)")
+    p.add_argument("--eta", default="", help="comma list of DDIM eta values (default: config)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--amp", default="none", choices=("none", "bf16"))
     p.add_argument("--channels-last", action="store_true")
@@ -90,12 +125,14 @@ def main() -> None:
     p.add_argument(
         "--condition",
         default="image_emb",
-        choices=("image_emb", "text_emb"),
-        help="what the decoder is conditioned on in training and evaluation (text_emb: a "
-        "test of how much the CLIP image embedding's content limits what is learnt)",
+        choices=("image_emb", "text_emb", "attributes"),
+        help="what the decoder is conditioned on in training and evaluation (text_emb, or "
+        "attributes: one fixed random vector per attribute value, summed: tests of how much "
+        "the CLIP image embedding's content limits what is learnt)",
     )
     p.add_argument("--tag", default="")
-    p.add_argument("--save", default="", help="directory for sample grids")
+    p.add_argument("--save", default="", help="directory for sample grids (and EMA weights)")
+    p.add_argument("--load", default="", help="EMA weights (.safetensors) to evaluate only")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -108,10 +145,13 @@ def main() -> None:
     spec = stage_for(cfg)
     data = load_train(args.data, job)
     heldout = load_heldout(args.data, args.n)
-    emb = torch.from_numpy(
-        np.stack(heldout.column(args.condition).to_numpy(zero_copy_only=False)).astype(np.float32)
-    )
-    if args.condition != "image_emb":  # train on it in place of the image embedding
+    if args.condition == "attributes":
+        emb = attribute_codes(heldout.select(list(ROW_COLUMNS)).to_pylist())
+        data = {**data, "image_emb": attribute_codes(train_attributes(args.data, job))}
+    else:
+        column = heldout.column(args.condition).to_numpy(zero_copy_only=False)
+        emb = torch.from_numpy(np.stack(column).astype(np.float32))
+    if args.condition == "text_emb":  # train on it in place of the image embedding
         data = {**data, "image_emb": load_column(args.data, job, args.condition)}
     n = len(data["image"])
     settings = Numerics(
@@ -132,23 +172,32 @@ def main() -> None:
     g = torch.Generator().manual_seed(args.seed)
     trained, losses = 0.0, []
     state.model.train()
-    for step in range(1, evals[-1] + 1):
+    if args.load:  # evaluation only: the sweeps below on saved weights
+        from safetensors.torch import load_file
+
+        state.ema.load_state_dict(load_file(args.load), 0)
+        evals = [0]
+        losses = [float("nan")]
+    for step in range(0 if args.load else 1, evals[-1] + 1):
         idx = torch.randint(0, n, (run.batch_size,), generator=g)
         batch = {k: v[idx] for k, v in data.items()}
-        t = time.perf_counter()
-        out = stepper(batch, lr_at(step, cfg.optim, run.steps))
-        trained += time.perf_counter() - t
-        losses.append(float(out.loss))
+        if step:
+            t = time.perf_counter()
+            out = stepper(batch, lr_at(step, cfg.optim, run.steps))
+            trained += time.perf_counter() - t
+            losses.append(float(out.loss))
         if step in evals:
             state.ema.copy_to(ema_model)
             scales = [float(g) for g in args.guidance.split(",")] if args.guidance else [None]
-            for scale in scales:
+            etas = [float(e) for e in args.eta.split(",")] if args.eta else [None]
+            for scale, eta in ((g, e) for g in scales for e in etas):
                 t = time.perf_counter()
                 with torch.no_grad():
                     images = ema_model.sample(
                         emb,
                         steps=args.sample_steps,
                         guidance_scale=scale,
+                        eta=eta,
                         generator=torch.Generator().manual_seed(0),
                     )
                 acc = oracle_accuracy(images, heldout)
@@ -156,8 +205,9 @@ def main() -> None:
                     "tag": args.tag,
                     "step": step,
                     "guidance": scale if scale is not None else cfg.guidance_scale,
+                    "eta": eta if eta is not None else cfg.sample_eta,
                     "train_s": round(trained, 1),
-                    "s_per_step": round(trained / step, 3),
+                    "s_per_step": round(trained / max(step, 1), 3),
                     "loss": round(float(np.mean(losses[-100:])), 4),
                     **{k: round(v, 3) for k, v in acc.items()},
                     "eval_s": round(time.perf_counter() - t, 1),
@@ -169,8 +219,14 @@ def main() -> None:
                     os.makedirs(args.save, exist_ok=True)
                     big = F.interpolate(images[:16].float(), size=64, mode="bicubic")
                     name = f"{args.tag or 'run'}_{step}" + (f"_g{scale:g}" if scale else "")
+                    name += f"_e{eta:g}" if eta is not None else ""
                     with open(f"{args.save}/{name}.png", "wb") as f:
                         f.write(png_bytes(grid(to_uint8(big.clamp(-1, 1)), 8)))
+            if args.save and step:
+                from safetensors.torch import save_file
+
+                weights = {k: v.contiguous() for k, v in state.ema.state_dict().items()}
+                save_file(weights, f"{args.save}/{args.tag or 'run'}_{step}.safetensors")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from copy import deepcopy
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -125,12 +126,14 @@ def choose_numerics(
     clip: Clip | None,
     local_workers: int = 1,
     cache: numerics.NumericsCache | None = None,
+    template: nn.Module | None = None,
 ) -> numerics.Choice:
     """Autocast dtype, memory format and threads for this stage on this machine, measured.
 
     Fields the run fixes (``amp``, ``memory_format``, ``threads`` != auto) are kept; the
     others are chosen by timing a few real steps of the stage's own model on ``batch``
-    (throwaway copies: the run's weights, optimiser and random streams are untouched), and
+    (throwaway copies of ``template``, the run's model after fitting what the stage fits,
+    or fresh models: the run's weights, optimiser and random streams are untouched), and
     cached per machine and workload (``unclip.numerics``).
     """
     cfg = stage.config
@@ -142,7 +145,8 @@ def choose_numerics(
 
     def step(n: numerics.Numerics) -> None:
         if n not in scratch:
-            st = new_state(cfg, device, n.amp)
+            copy = None if template is None else deepcopy(template)
+            st = new_state(cfg, device, n.amp, copy)
             n.apply(st.model)
             scratch[n] = Stepper(stage, st.model, st, clip, n)
         torch.set_num_threads(n.threads)
@@ -317,10 +321,14 @@ def load_clip(stage: Stage, device: torch.device) -> Clip:
 
 # ---------------------------------------------------------------------- one step
 def new_state(
-    cfg: StageConfig, device: torch.device | str = "cpu", amp: numerics.Amp = "none"
+    cfg: StageConfig,
+    device: torch.device | str = "cpu",
+    amp: numerics.Amp = "none",
+    model: nn.Module | None = None,
 ) -> TrainState:
-    """A freshly initialised model with its AdamW optimiser, EMA and (fp16) grad scaler."""
-    model = build_model(cfg).to(device)
+    """A freshly initialised model (or ``model``) with its AdamW optimiser, EMA and (fp16)
+    grad scaler."""
+    model = (build_model(cfg) if model is None else model).to(device)
     o = cfg.optim
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay
@@ -427,22 +435,10 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     first = next(batches)  # probed on, then trained on first: the data order is unchanged
     batches = itertools.chain([first], batches)
 
-    # numerics (autocast, memory format, threads) measured on this machine unless fixed
-    probe_started = time.time()
-    choice = choose_numerics(stage, run, device, threads, first, clip, ctx.get_local_world_size())
-    chosen = _agree(choice.numerics, world, device)
-    timing = {
-        "loop_started": round(loop_started, 3),  # wall clock, for start-up breakdowns
-        "probe_s": round(time.time() - probe_started, 2),
-    }
-    amp = chosen.amp
-
     # model, optimiser, EMA; restored from the latest checkpoint if Ray hands one over
     torch.manual_seed(_seed(run.seed, rank, 0))
-    state = new_state(cfg, device, amp)
-    model = chosen.apply(state.model)
-    threads = chosen.threads
-    torch.set_num_threads(threads)
+    state = new_state(cfg, device)
+    model = state.model
     saved = restored_train_state(persisted=not job.local_mode)
     if saved is not None:
         state.load(saved, rank)
@@ -450,6 +446,24 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     if not start and stage.prepare(model, job.data_files, run.heldout_fraction):
         o = cfg.optim  # fitted buffers changed: the average starts from them
         state.ema = EMA(model, o.ema_decay, o.ema_warmup)
+
+    # numerics (autocast, memory format, threads) measured on this machine unless fixed
+    probe_started = time.time()
+    choice = choose_numerics(
+        stage, run, device, threads, first, clip, ctx.get_local_world_size(), template=model
+    )
+    chosen = _agree(choice.numerics, world, device)
+    timing = {
+        "loop_started": round(loop_started, 3),  # wall clock, for start-up breakdowns
+        "probe_s": round(time.time() - probe_started, 2),
+    }
+    chosen.apply(model)
+    threads = chosen.threads
+    torch.set_num_threads(threads)
+    if chosen.amp == "fp16":  # GPU: a grad scaler, continued from the checkpoint if saved
+        state.scaler = torch.amp.GradScaler("cuda")
+        if saved is not None and "scaler" in saved:
+            state.scaler.load_state_dict(saved["scaler"])
     ddp = ray.train.torch.prepare_model(model)
 
     log = MetricsLog(job.run_dir, start) if rank == 0 else None
