@@ -63,7 +63,7 @@ from training.runs import (
     restored_train_state,
     run_location,
 )
-from unclip import fs
+from unclip import fs, numerics
 from unclip.checkpoint import TRAIN_STATE
 from unclip.clip import OPENAI_MEAN, OPENAI_STD, Clip, save_clip_checkpoint
 from unclip.config import ConfigError
@@ -129,6 +129,13 @@ def train_loop(config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker
     model = build_clip(cfg.model).to(device)
+    mean, std = OPENAI_MEAN, OPENAI_STD  # what save_clip_checkpoint records
+    chosen = choose_clip_numerics(cfg, model, images, tokens, device, threads, ctx, mean, std)
+    if rank == 0:
+        say(f"[clip] numerics: {chosen.summary()}")
+    settings = chosen.numerics
+    settings.apply(model)
+    torch.set_num_threads(settings.threads)
     optimizer = make_optimizer(model, cfg)
     start = 0
     saved = restored_train_state(persisted=bool(config.get("persisted")))
@@ -139,7 +146,6 @@ def train_loop(config: dict[str, Any]) -> None:
     if world > 1:
         model = ray.train.torch.prepare_model(model)
     loss_fn = ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world)
-    mean, std = OPENAI_MEAN, OPENAI_STD  # what save_clip_checkpoint records
 
     t_start, last_log, losses = time.perf_counter(), time.perf_counter(), []
     step = start
@@ -149,9 +155,9 @@ def train_loop(config: dict[str, Any]) -> None:
             break
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
         x = augment(to_unit(torch.from_numpy(images[rows])), cfg.upsample_fraction, gen)
-        pixels = normalise(x, mean, std).to(device)
+        pixels = settings.layout(normalise(x, mean, std).to(device))
         ids = torch.from_numpy(tokens[rows]).long().to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with settings.autocast(device.type):
             loss = train_step(
                 model, loss_fn, optimizer, pixels, ids, lr_at(step, cfg), cfg.grad_clip
             )
@@ -169,6 +175,51 @@ def train_loop(config: dict[str, Any]) -> None:
             _report(config, model, optimizer, cfg, done, losses, rank, t_start)
     # worker_batches never ends: the loop broke at ``step``, the first step not run
     _report(config, model, optimizer, cfg, step, losses, rank, t_start, final=True)
+
+
+def choose_clip_numerics(
+    cfg: ClipTrainConfig,
+    model: torch.nn.Module,
+    images: np.ndarray,
+    tokens: np.ndarray,
+    device: torch.device,
+    threads: int,
+    ctx: Any,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> numerics.Choice:
+    """Autocast, memory format and threads for the CLIP's step on this machine, measured on
+    throwaway copies of ``model`` (``unclip.numerics``; ``training.harness`` does the same
+    for the other stages). Several workers keep every setting but threads fixed: they would
+    each probe their own ClipLoss all-gather."""
+    from copy import deepcopy
+
+    from open_clip.loss import ClipLoss
+
+    world = ctx.get_world_size()
+    amp = cfg.amp if world == 1 or cfg.amp != "auto" else "none"
+    fmt = cfg.memory_format if world == 1 or cfg.memory_format != "auto" else "contiguous"
+    conv = cfg.model.vision == "resnet"
+    options = numerics.candidates(device, threads, amp, fmt, conv)
+    auto = numerics.AUTO in (amp, fmt)
+    fewer = [threads // 2] if auto and not cfg.threads and device.type == "cpu" else []
+    rows = np.arange(min(len(images), cfg.batch_size // world))
+    pixels = normalise(to_unit(torch.from_numpy(images[rows])), mean, std).to(device)
+    ids = torch.from_numpy(tokens[rows]).long().to(device)
+    loss_fn = ClipLoss()
+    scratch: dict[numerics.Numerics, tuple[Any, Any]] = {}
+
+    def step(n: numerics.Numerics) -> None:
+        if n not in scratch:
+            copy = n.apply(deepcopy(model))
+            scratch[n] = (copy, make_optimizer(copy, cfg))
+        copy, opt = scratch[n]
+        torch.set_num_threads(n.threads)
+        with n.autocast(device.type):
+            train_step(copy, loss_fn, opt, n.layout(pixels), ids, cfg.lr, cfg.grad_clip)
+
+    key = numerics.workload_key("clip", config_to_dict(cfg.model), cfg.batch_size, world)
+    return numerics.choose(step, options, key, numerics.NumericsCache(), fewer_threads=fewer)
 
 
 def _out_of_time(cfg: ClipTrainConfig, t_start: float, world: int, device: torch.device) -> bool:

@@ -115,6 +115,10 @@ class ClipTrainConfig:
     # many images that differ only in their shape (0 = random batches; see clip_data)
     seed: int = 0
     threads: int = 0  # torch threads per worker (0: cores of the node / workers on it)
+    # numerics: "auto" = time a few real steps under each choice on this machine and keep
+    # the fastest (unclip.numerics, cached per machine); a value fixes it
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     cpus_per_worker: float = 0.5  # Ray resources: 2 workers fit on 2 CPUs
     max_failures: int = 2  # FailureConfig: restarts from the last checkpoint
     log_every: int = 25

@@ -111,6 +111,9 @@ class UNetConfig:
     # embeddings' mean and covariance (fitted before step 1): attributes that move the
     # embedding little (shape) reach the projections at the scale of those that move it a
     # lot (colour, position)
+    clip_spatial: bool = False  # also project the CLIP embedding into a feature map at the
+    # lowest resolution (added before the middle blocks): a per-position response to the
+    # embedding, so it can say what to draw where, not only which channels to scale
     coords: bool = False  # feed x, y coordinate channels with the input (CoordConv): every
     # position knows where it is, so a global embedding can say where to draw
     patch_size: int = 1  # > 1: the UNet runs on P x P pixel patches (pixel-unshuffle), its

@@ -142,6 +142,10 @@ class UNet(nn.Module):
             if not last:
                 skips.append(ch)
                 res //= 2
+        if cfg.clip_dim and cfg.clip_spatial:  # (B, D) -> (B, ch, res, res) at the bottom
+            self.clip_to_map = nn.Linear(cfg.clip_dim, ch * res * res)
+            nn.init.zeros_(self.clip_to_map.weight)
+            nn.init.zeros_(self.clip_to_map.bias)
         mid_attn = (
             AttentionBlock(ch, cfg.head_channels, ctx_dim, G) if cfg.attention_resolutions else None
         )
@@ -255,6 +259,8 @@ class UNet(nn.Module):
             if not isinstance(down, nn.Identity):
                 h = down(h)
                 hs.append(h)
+        if cfg.clip_dim and cfg.clip_spatial:
+            h = h + self.clip_to_map(clip_emb).reshape(h.shape)
         for blk in self.mid:
             h = blk(h, emb, ctx)
         for blocks, up in zip(self.up, self.upsample, strict=True):
