@@ -152,8 +152,15 @@ class ClipTrainConfig:
 # --timing, steps interleaved), so ~0.9 s. Reading 20k images, starting the worker and
 # evaluating take ~1 minute besides. The time limits keep the
 # budgets on a slower or busier machine (fewer steps, a final checkpoint all the same).
-_QUICK = ClipTrainConfig(steps=240, warmup_steps=30, time_limit_minutes=3.5)
-_FULL = ClipTrainConfig(steps=1200, warmup_steps=60, time_limit_minutes=17.5)
+# Quick: 400 steps (~0.3 s each on a 2-core Xeon, 2026-12). The decoder can only draw the
+# shape a CLIP image embedding encodes: after 240 steps a linear probe read the shape from
+# the image embeddings 81% of the time (zero-shot 0.76) and the quick decoder's ground-truth
+# shape accuracy was 0.53 after 1000 steps; after 480 steps, 95% (zero-shot 0.96) and 0.80.
+# Pairs of images that differ only in shape in every batch (hard_negatives 2) raised
+# zero-shot shape from 0.96 to 0.98 at 480 steps and cost nothing. The time limits are
+# safety nets at about twice the expected time on the slowest CPU of this kind.
+_QUICK = ClipTrainConfig(steps=400, warmup_steps=40, hard_negatives=2, time_limit_minutes=8)
+_FULL = ClipTrainConfig(steps=1200, warmup_steps=60, hard_negatives=2, time_limit_minutes=20)
 _PRESETS = {"quick": _QUICK, "full": _FULL}
 
 

@@ -150,13 +150,21 @@ def _decoder(gpu: bool, name: str) -> DecoderConfig:
         num_res_blocks=2 if gpu else 1,
         attention_resolutions=(16, 8) if gpu else (8,),
         clip_dim=_CLIP_DIM,
+        # the CLIP embedding whitened (every attribute at the same scale) and also projected
+        # into a feature map at the lowest resolution: what to draw where. Measured on the
+        # quick table (bench/bench_decoder_recipe.py, ground-truth embeddings, 1000 steps):
+        # shape 0.80 and all attributes 0.77 with both, 0.22 / 0.20 with the map alone, at
+        # chance (0.20-0.25) with neither; see docs/training.md
+        clip_whiten=True,
+        clip_spatial=True,
     )
     return DecoderConfig(
         net=net,
-        # v-prediction + min-SNR weighting: on shapes it learns colour ~2.5x faster than
-        # eps + plain MSE at equal steps (oracle colour 0.73 vs 0.30 at 900 steps)
-        diffusion=DiffusionConfig(prediction="v", loss_weighting="min_snr"),
-        optim=OptimConfig(lr=1e-3, warmup_steps=100, lr_schedule="constant"),
+        # plain v-prediction loss: min-SNR weighting (x0-space weight min(SNR, 5)) starves
+        # the low-SNR steps where an image's layout is decided; with it position stayed at
+        # chance after 1500 steps, without it 0.98
+        diffusion=DiffusionConfig(prediction="v"),
+        optim=OptimConfig(lr=1e-3 if gpu else 3e-3, warmup_steps=100, lr_schedule="constant"),
     )
 
 
@@ -193,45 +201,47 @@ _STAGE_BUILDERS = {
 }
 
 # (stage, preset) -> run options on a 2-core CPU. Comments: measured seconds per step and
-# the resulting expected time (1 worker, 2 threads, machine otherwise idle; bf16 autocast
-# where the CPU has it natively, fp32 figures in brackets: bench/bench_train.py).
+# the resulting expected time (1 worker, 2 threads, machine otherwise idle, with the numerics
+# the probe picks: bench/bench_train.py). Time limits are safety nets at about twice the
+# expected time on the slowest CPU of this kind: the demo reports any stage they cut.
 _CPU_RUNS: dict[tuple[str, str], TrainConfig] = {
     # prior: 0.09 s/step at batch 128 (fp32 0.12; ~0.2 with 16 text tokens) -> quick ~1 min
     # (quick: held-out cosine 0.931 at 500 steps, 0.926 at 1000; baseline 0.916)
     ("prior", "quick"): TrainConfig(
-        steps=500, batch_size=128, checkpoint_every=250, eval_every=250, log_every=50,
-        time_limit_minutes=2,
+        steps=400, batch_size=128, checkpoint_every=200, eval_every=400, log_every=50,
+        time_limit_minutes=3,
     ),
     ("prior", "full"): TrainConfig(
         steps=2000, batch_size=128, checkpoint_every=500, eval_every=1000, log_every=200,
-        time_limit_minutes=8,
+        time_limit_minutes=10,
     ),
-    # AR prior: 0.13 s/step at batch 128 -> quick ~2 min, full ~6 min (time limit)
+    # AR prior: 0.13 s/step at batch 128 -> quick ~2 min, full ~6 min
     ("ar_prior", "quick"): TrainConfig(
         steps=1000, batch_size=128, checkpoint_every=500, eval_every=500, log_every=100,
-        time_limit_minutes=2.5,
+        time_limit_minutes=5,
     ),
     ("ar_prior", "full"): TrainConfig(
         steps=2500, batch_size=128, checkpoint_every=500, eval_every=1250, log_every=250,
-        time_limit_minutes=6,
+        time_limit_minutes=12,
     ),
-    # decoder: 0.25-0.30 s/step at batch 32 (fp32 0.36) -> quick ~5 min, full ~30 min
+    # decoder: 0.21 s/step bf16 (AMX), 0.32 fp32 channels-last; ~0.46 fp32 on a Xeon
+    # without AMX -> quick 1000 steps 3.5-8 min
     ("decoder", "quick"): TrainConfig(
-        steps=1000, batch_size=32, checkpoint_every=500, eval_every=500, log_every=50,
-        time_limit_minutes=7,
+        steps=1000, batch_size=32, checkpoint_every=500, eval_every=1000, log_every=50,
+        time_limit_minutes=16,
     ),
     ("decoder", "full"): TrainConfig(
-        steps=6000, batch_size=32, checkpoint_every=1000, eval_every=2000, log_every=100,
-        time_limit_minutes=33,
+        steps=4000, batch_size=32, checkpoint_every=1000, eval_every=2000, log_every=100,
+        time_limit_minutes=60,
     ),
-    # upsampler on 32 px crops: 0.29 s/step at batch 32 (fp32 0.45) -> quick ~1.2 min, full ~5
+    # upsampler on 32 px crops: 0.24 s/step bf16 (AMX), ~0.55 fp32 elsewhere
     ("upsampler", "quick"): TrainConfig(
         steps=250, batch_size=32, checkpoint_every=125, eval_every=250, log_every=50,
-        time_limit_minutes=2,
+        time_limit_minutes=5,
     ),
     ("upsampler", "full"): TrainConfig(
         steps=1000, batch_size=32, checkpoint_every=500, eval_every=1000, log_every=100,
-        time_limit_minutes=6,
+        time_limit_minutes=15,
     ),
 }  # fmt: skip
 
