@@ -159,7 +159,7 @@ def test_plan_rejects_bad_config_and_runs(tmp_path: Path, shapes_dir: str) -> No
     with pytest.raises(UserError, match="nothing to resume"):
         plan(shapes_dir, out, resume=True)
     with pytest.raises(UserError, match="not divisible"):
-        plan(shapes_dir, out, config={"batch_size": 9}, workers=2)
+        plan(shapes_dir, out, config={"batch_size": 9, "hard_negatives": 0}, workers=2)
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("lr: 0.0005\nmodel: {vision: vit, vision_layers: [2], patch_size: 4}\n")
     job = plan(shapes_dir, out, "full", str(cfg_file), steps=7)

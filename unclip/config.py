@@ -18,14 +18,12 @@ Schedule = Literal["cosine", "linear"]
 Prediction = Literal["eps", "x0", "v"]
 Variance = Literal["fixed_small", "fixed_large"]
 LossWeighting = Literal["none", "min_snr"]
-TimestepSampling = Literal["uniform", "logit_normal"]
 Degradation = Literal["none", "blur", "bsr"]
 
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 PREDICTIONS: tuple[str, ...] = get_args(Prediction)
 VARIANCES: tuple[str, ...] = get_args(Variance)
 LOSS_WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
-TIMESTEP_SAMPLINGS: tuple[str, ...] = get_args(TimestepSampling)
 DEGRADATIONS: tuple[str, ...] = get_args(Degradation)
 
 
@@ -50,11 +48,6 @@ class DiffusionConfig:
     variance: Variance = "fixed_small"
     loss_weighting: LossWeighting = "none"
     min_snr_gamma: float = 5.0
-    # training timesteps: uniform, or t / T = sigmoid(N(mean, std)) (logit-normal: most
-    # training on the middle of the schedule, where shapes form, less at its two ends)
-    timestep_sampling: TimestepSampling = "uniform"
-    timestep_mean: float = 0.0
-    timestep_std: float = 1.0
     clip_denoised: bool = True  # clamp predicted x0 to [-1, 1] while sampling (images)
 
     def __post_init__(self) -> None:
@@ -62,9 +55,6 @@ class DiffusionConfig:
         check_choice("prediction", self.prediction, PREDICTIONS)
         check_choice("variance", self.variance, VARIANCES)
         check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
-        check_choice("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
-        if self.timestep_std <= 0:
-            raise ConfigError(f"timestep_std must be > 0, got {self.timestep_std}")
         if self.timesteps < 2:
             raise ConfigError(f"timesteps must be >= 2, got {self.timesteps}")
 
@@ -114,23 +104,16 @@ class UNetConfig:
     clip_spatial: bool = False  # also project the CLIP embedding into a feature map at the
     # lowest resolution (added before the middle blocks): a per-position response to the
     # embedding, so it can say what to draw where, not only which channels to scale
-    coords: bool = False  # feed x, y coordinate channels with the input (CoordConv): every
-    # position knows where it is, so a global embedding can say where to draw
-    patch_size: int = 1  # > 1: the UNet runs on P x P pixel patches (pixel-unshuffle), its
-    # first level at image_size / P: ~P^2 times cheaper per step (attention_resolutions are
-    # feature-map sizes, i.e. after patching)
 
     def __post_init__(self) -> None:
-        if self.patch_size < 1:
-            raise ConfigError(f"patch_size must be >= 1, got {self.patch_size}")
         for ch in (self.base_channels * m for m in self.channel_mult):
             if ch % self.groups:
                 raise ConfigError(f"channels {ch} not divisible by groups {self.groups}")
-        down = 2 ** (len(self.channel_mult) - 1) * self.patch_size
+        down = 2 ** (len(self.channel_mult) - 1)
         if self.image_size % down:
             raise ConfigError(
-                f"image_size {self.image_size} must be divisible by {down} (patch_size "
-                f"{self.patch_size} times one halving per extra channel_mult level)"
+                f"image_size {self.image_size} must be divisible by {down} "
+                "(one halving per extra channel_mult level)"
             )
 
 

@@ -20,7 +20,6 @@ from unclip.config import (
     LOSS_WEIGHTINGS,
     PREDICTIONS,
     SCHEDULES,
-    TIMESTEP_SAMPLINGS,
     VARIANCES,
     DiffusionConfig,
     check_choice,
@@ -105,18 +104,11 @@ class GaussianDiffusion:
         clip_denoised: bool = True,
         timestep_map: Sequence[int] | None = None,
         alphas_cumprod: np.ndarray | None = None,
-        timestep_sampling: str = "uniform",
-        timestep_mean: float = 0.0,
-        timestep_std: float = 1.0,
     ) -> None:
         self.prediction = check_choice("prediction", prediction, PREDICTIONS)
         self.variance = check_choice("variance", variance, VARIANCES)
         self.loss_weighting = check_choice("loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
         self.min_snr_gamma = float(min_snr_gamma)
-        self.timestep_sampling = check_choice(
-            "timestep_sampling", timestep_sampling, TIMESTEP_SAMPLINGS
-        )
-        self.timestep_mean, self.timestep_std = float(timestep_mean), float(timestep_std)
         self.clip_denoised = clip_denoised
         betas = np.asarray(betas, dtype=np.float64)
         assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all()
@@ -160,9 +152,6 @@ class GaussianDiffusion:
             loss_weighting=cfg.loss_weighting,
             min_snr_gamma=cfg.min_snr_gamma,
             clip_denoised=cfg.clip_denoised,
-            timestep_sampling=cfg.timestep_sampling,
-            timestep_mean=cfg.timestep_mean,
-            timestep_std=cfg.timestep_std,
         )
 
     def respace(self, steps: int | Sequence[int]) -> GaussianDiffusion:
@@ -310,12 +299,8 @@ class GaussianDiffusion:
         device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Training timesteps (B,): uniform, or logit-normal (``timestep_sampling``)."""
-        if self.timestep_sampling == "uniform":
-            return torch.randint(0, self.num_timesteps, (batch,), generator=generator).to(device)
-        z = torch.randn(batch, generator=generator) * self.timestep_std + self.timestep_mean
-        t = (torch.sigmoid(z) * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
-        return t.to(device)
+        """Training timesteps (B,), uniform over the schedule."""
+        return torch.randint(0, self.num_timesteps, (batch,), generator=generator).to(device)
 
     # ------------------------------------------------------------------ DDPM
     def p_mean_variance(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -138,21 +139,30 @@ def probe(
     warmup: int = 2,
     repeats: int = 3,
     clock: Callable[[], float] = time.perf_counter,
+    min_seconds: float = 0.0,
+    max_repeats: int = 15,
 ) -> dict[Numerics, float]:
     """Median seconds per call of ``step_fn(numerics)`` for each option.
 
     ``warmup`` calls per option are not timed (kernel and allocator set-up); options are
-    timed in interleaved rounds, so a passing load spike hits all of them alike. Torch's
-    RNG state and thread count are restored afterwards: probing changes no later result.
+    timed in interleaved rounds, so a passing load spike hits all of them alike. Short steps
+    get more rounds (up to ``max_repeats``) until each option is timed for ``min_seconds``:
+    three 0.07 s steps are too few to tell two settings apart. Torch's RNG state and thread
+    count are restored afterwards: probing changes no later result.
     """
     if not options:
         raise ValueError("nothing to probe: no candidate settings")
     rng, threads = torch.get_rng_state(), torch.get_num_threads()
     times: dict[Numerics, list[float]] = {o: [] for o in options}
     try:
+        slowest = 0.0
         for o in options:
             for _ in range(warmup):
+                t = clock()
                 step_fn(o)
+                slowest = max(slowest, clock() - t)
+        if min_seconds > 0 and slowest > 0:
+            repeats = max(repeats, min(max_repeats, math.ceil(min_seconds / slowest)))
         for _ in range(repeats):
             for o in options:
                 t = clock()
@@ -195,6 +205,9 @@ def describe(timings: dict[Numerics, float], chosen: Numerics) -> str:
 
 
 # ---------------------------------------------------------------------- cache
+PROBE_VERSION = 2  # bump when the probe or the pick changes what it would choose
+
+
 def machine_key() -> str:
     """What makes timings comparable: CPU model and flags, core count, torch version."""
     model, flags = "", ""
@@ -209,8 +222,9 @@ def machine_key() -> str:
         model = platform.processor()
     if torch.cuda.is_available():
         model += " | " + torch.cuda.get_device_name(0)
-    raw = f"{model}|{hashlib.sha1(flags.encode()).hexdigest()[:12]}|{os.cpu_count()}|{torch.__version__}"
-    return raw
+    flags_hash = hashlib.sha1(flags.encode()).hexdigest()[:12]
+    # PROBE_VERSION: entries written by an older probe are measured again
+    return f"{model}|{flags_hash}|{os.cpu_count()}|{torch.__version__}|v{PROBE_VERSION}"
 
 
 def workload_key(*parts: Any) -> str:
@@ -292,6 +306,7 @@ def choose(
     warmup: int = 1,
     repeats: int = 3,
     clock: Callable[[], float] = time.perf_counter,
+    min_seconds: float = 1.0,
 ) -> Choice:
     """Cached ``pick(probe(...))`` over ``options``, then the winner again at each of
     ``fewer_threads`` (a second, short round: threads rarely change which dtype wins).
@@ -304,16 +319,14 @@ def choose(
         hit = cache.get(workload)
         if hit is not None and set(options) <= set(hit[1]):
             return Choice(hit[0], hit[1], "cache")
-    timings = probe(step_fn, options, warmup=warmup, repeats=repeats, clock=clock)
+    timings = probe(step_fn, options, warmup, repeats, clock, min_seconds)
     chosen = pick(timings, margin)
     alternatives = [replace(chosen, threads=t) for t in fewer if t != chosen.threads]
     if alternatives:
-        more = probe(step_fn, [chosen, *alternatives], warmup, repeats, clock)
-        # the winner's own time is re-measured in the same rounds as its alternatives
-        second = pick({o: more[o] for o in (chosen, *alternatives)}, margin)
-        timings.update({o: more[o] for o in alternatives})
-        timings[chosen] = more[chosen] if second == chosen else timings[chosen]
-        chosen = second
+        # the winner re-measured in the same rounds as its alternatives: these numbers decide
+        more = probe(step_fn, [chosen, *alternatives], warmup, repeats, clock, min_seconds)
+        timings.update(more)
+        chosen = pick(more, margin)
     if cache is not None:
         cache.put(workload, chosen, timings)
     return Choice(chosen, timings, "probe")

@@ -4,10 +4,7 @@ Conditioning of the decoder: the CLIP image embedding is projected and added to 
 timestep embedding, and projected into ``clip_tokens`` extra context tokens; optional CLIP
 per-token text states join them. Every attention layer attends over the image positions
 plus these context tokens. An upsampler is the same UNet with ``low_res_channels > 0``: the
-(bicubically upsampled, degraded) low-res image is concatenated to the input. With
-``patch_size`` P > 1 the input is pixel-unshuffled into P x P patches (a 32 px image becomes
-16 x 16 positions of 12 channels for P = 2) and the output shuffled back: the same pixels,
-for about 1/P^2 of the cost of running the first level at full resolution.
+(bicubically upsampled, degraded) low-res image is concatenated to the input.
 """
 
 from __future__ import annotations
@@ -18,15 +15,6 @@ from torch import Tensor, nn
 
 from unclip.config import UNetConfig
 from unclip.nn.layers import TimestepMLP, prepare_text_states, replace_where, zero_module
-
-
-def coordinate_grid(like: Tensor) -> Tensor:
-    """(B, 2, H, W) pixel-centre coordinates in [-1, 1] (x, then y) for ``like``'s size."""
-    B, _, H, W = like.shape
-    ys = torch.linspace(-1 + 1 / H, 1 - 1 / H, H, device=like.device, dtype=like.dtype)
-    xs = torch.linspace(-1 + 1 / W, 1 - 1 / W, W, device=like.device, dtype=like.dtype)
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2, H, W)
-    return grid.expand(B, -1, -1, -1)
 
 
 class ResBlock(nn.Module):
@@ -122,12 +110,10 @@ class UNet(nn.Module):
             )
             return Level(ResBlock(ch_in, ch_out, emb_dim, G, cfg.dropout), attn)
 
-        P2 = cfg.patch_size**2  # pixel-unshuffled patches: P x P pixels per position
-        in_ch = (cfg.in_channels + cfg.low_res_channels) * P2 + (2 if cfg.coords else 0)
-        self.inp = nn.Conv2d(in_ch, base, 3, padding=1)
+        self.inp = nn.Conv2d(cfg.in_channels + cfg.low_res_channels, base, 3, padding=1)
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
-        skips, ch, res = [base], base, cfg.image_size // cfg.patch_size
+        skips, ch, res = [base], base, cfg.image_size
         for i, mult in enumerate(cfg.channel_mult):
             blocks = nn.ModuleList()
             for _ in range(cfg.num_res_blocks):
@@ -169,7 +155,7 @@ class UNet(nn.Module):
         self.out = nn.Sequential(
             nn.GroupNorm(G, ch),
             nn.SiLU(),
-            zero_module(nn.Conv2d(ch, cfg.out_channels * P2, 3, padding=1)),
+            zero_module(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)),
         )
 
     @torch.no_grad()
@@ -213,7 +199,7 @@ class UNet(nn.Module):
         """
         cfg = self.cfg
         B = x.shape[0]
-        down = 2 ** (len(cfg.channel_mult) - 1) * cfg.patch_size
+        down = 2 ** (len(cfg.channel_mult) - 1)
         assert x.shape[1] == cfg.in_channels and x.shape[2] % down == 0 == x.shape[3] % down, (
             f"x {tuple(x.shape)}: need {cfg.in_channels} channels and sides divisible by {down}"
         )
@@ -245,10 +231,6 @@ class UNet(nn.Module):
                 *x.shape[2:],
             ), "upsampler needs low_res upsampled to x's size"
             x = torch.cat([x, low_res.to(x.dtype)], dim=1)
-        if cfg.patch_size > 1:  # (B, C, S, S) -> (B, C * P * P, S / P, S / P)
-            x = F.pixel_unshuffle(x, cfg.patch_size)
-        if cfg.coords:  # (B, 2, H, W): x and y in [-1, 1]
-            x = torch.cat([x, coordinate_grid(x)], dim=1)
 
         h = self.inp(x)
         hs = [h]
@@ -268,5 +250,4 @@ class UNet(nn.Module):
                 h = blk(torch.cat([h, hs.pop()], dim=1), emb, ctx)
             if not isinstance(up, nn.Identity):
                 h = up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        out = self.out(h)
-        return F.pixel_shuffle(out, cfg.patch_size) if cfg.patch_size > 1 else out
+        return self.out(h)
