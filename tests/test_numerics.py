@@ -93,12 +93,19 @@ def test_a_damaged_cache_is_measured_again(tmp_path) -> None:
     assert json.loads(path.read_text())  # rewritten whole
 
 
-def test_fewer_threads_are_tried_on_the_winner_only() -> None:
+def test_fewer_threads_are_tried_on_the_winner_only(tmp_path) -> None:
     one = Numerics("bf16", "contiguous", 1)
     clock = FakeClock({FP32: 0.5, BF16: 0.3, one: 0.2})
-    got = choose(clock.step, [FP32, BF16], "w", None, fewer_threads=[1], clock=clock)
+    cache = NumericsCache(str(tmp_path / "n.json"))
+    got = choose(clock.step, [FP32, BF16], "w", cache, fewer_threads=[1], clock=clock)
     assert got.numerics == one
     assert Numerics("none", "contiguous", 1) not in clock.calls
+    # each round's timings are kept apart: round 1 compares dtypes at full threads only
+    assert set(got.timings) == {FP32, BF16} and set(got.thread_timings) == {BF16, one}
+    assert got.summary().startswith("bf16/contiguous/1t (probe: *bf16/contiguous/2t")
+    assert "; threads: *bf16/contiguous/1t" in got.summary()
+    again = choose(clock.step, [FP32, BF16], "w", cache, fewer_threads=[1], clock=clock)
+    assert again.source == "cache" and again.thread_timings == got.thread_timings
 
 
 def test_fixed_settings_are_honoured_without_timing() -> None:
@@ -145,7 +152,7 @@ def test_train_loop_records_what_it_chose_and_honours_an_override(tmp_path) -> N
         "bf16/channels_last/2t",
     } <= labels
     assert all(t > 0 for t in auto.timings.values())
-    assert auto.numerics in auto.timings
+    assert auto.numerics in {**auto.timings, **auto.thread_timings}
     fixed = TrainConfig(amp="none", memory_format="channels_last", threads=2)
     got = choose_numerics(stage, fixed, torch.device("cpu"), 2, batch, None, 1, cache)
     assert got.source == "fixed" and got.numerics == FP32_CL

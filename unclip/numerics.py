@@ -26,7 +26,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -254,22 +254,24 @@ class NumericsCache:
         except (OSError, ValueError):
             return {}
 
-    def get(self, workload: str) -> tuple[Numerics, dict[Numerics, float]] | None:
+    def get(self, workload: str) -> Choice | None:
         entry = self._read().get(machine_key(), {}).get(workload)
         if not entry:
             return None
         try:
             chosen = Numerics(**entry["chosen"])
             timings = {Numerics(**o): float(t) for o, t in entry["timings"]}
+            threads = {Numerics(**o): float(t) for o, t in entry.get("thread_timings", [])}
         except (KeyError, TypeError, ValueError):
             return None
-        return chosen, timings
+        return Choice(chosen, timings, "cache", threads)
 
-    def put(self, workload: str, chosen: Numerics, timings: dict[Numerics, float]) -> None:
+    def put(self, workload: str, choice: Choice) -> None:
         data = self._read()
         data.setdefault(machine_key(), {})[workload] = {
-            "chosen": asdict(chosen),
-            "timings": [[asdict(o), t] for o, t in timings.items()],
+            "chosen": asdict(choice.numerics),
+            "timings": [[asdict(o), t] for o, t in choice.timings.items()],
+            "thread_timings": [[asdict(o), t] for o, t in choice.thread_timings.items()],
             "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         try:
@@ -284,16 +286,27 @@ class NumericsCache:
 
 @dataclass(frozen=True)
 class Choice:
-    """The outcome of ``choose``: the settings, every candidate's time, where they came from."""
+    """The outcome of ``choose``: the settings, where they came from, and the timings of
+    each round: ``timings`` compares the candidates at full threads, ``thread_timings`` the
+    winner against fewer threads (measured in rounds of their own: not comparable across)."""
 
     numerics: Numerics
     timings: dict[Numerics, float]
     source: Literal["probe", "cache", "fixed"]
+    thread_timings: dict[Numerics, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         if self.source == "fixed":
             return f"{self.numerics.label} (fixed by the config, not measured)"
-        return f"{self.numerics.label} ({self.source}: {describe(self.timings, self.numerics)})"
+        # round 1 ran at full threads: mark the candidate that won it
+        won = [
+            o for o in self.timings if replace(o, threads=self.numerics.threads) == self.numerics
+        ]
+        first = won[0] if won else self.numerics
+        line = f"{self.numerics.label} ({self.source}: {describe(self.timings, first)}"
+        if self.thread_timings:
+            line += f"; threads: {describe(self.thread_timings, self.numerics)}"
+        return line + ")"
 
 
 def choose(
@@ -317,19 +330,22 @@ def choose(
         return Choice(options[0], {}, "fixed")
     if cache is not None:
         hit = cache.get(workload)
-        if hit is not None and set(options) <= set(hit[1]):
-            return Choice(hit[0], hit[1], "cache")
+        if hit is not None and set(options) <= set(hit.timings):
+            return hit
     timings = probe(step_fn, options, warmup, repeats, clock, min_seconds)
     chosen = pick(timings, margin)
     alternatives = [replace(chosen, threads=t) for t in fewer if t != chosen.threads]
+    thread_timings: dict[Numerics, float] = {}
     if alternatives:
         # the winner re-measured in the same rounds as its alternatives: these numbers decide
-        more = probe(step_fn, [chosen, *alternatives], warmup, repeats, clock, min_seconds)
-        timings.update(more)
-        chosen = pick(more, margin)
+        thread_timings = probe(
+            step_fn, [chosen, *alternatives], warmup, repeats, clock, min_seconds
+        )
+        chosen = pick(thread_timings, margin)
+    choice = Choice(chosen, timings, "probe", thread_timings)
     if cache is not None:
-        cache.put(workload, chosen, timings)
-    return Choice(chosen, timings, "probe")
+        cache.put(workload, choice)
+    return choice
 
 
 @contextmanager
