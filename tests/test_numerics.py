@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -106,6 +107,43 @@ def test_fewer_threads_are_tried_on_the_winner_only(tmp_path) -> None:
     assert "; threads: *bf16/contiguous/1t" in got.summary()
     again = choose(clock.step, [FP32, BF16], "w", cache, fewer_threads=[1], clock=clock)
     assert again.source == "cache" and again.thread_timings == got.thread_timings
+
+
+def test_a_probe_on_a_busy_machine_is_used_but_not_cached(tmp_path) -> None:
+    cache = NumericsCache(str(tmp_path / "n.json"))
+    clock = FakeClock({FP32: 0.5, BF16: 0.3})
+    busy = choose(clock.step, [FP32, BF16], "w", cache, clock=clock, meter=lambda: lambda: 1.0)
+    assert busy.numerics == BF16 and busy.busy_elsewhere == 1.0
+    assert "not cached" in busy.summary()
+    assert cache.get("w") is None
+    quiet = choose(clock.step, [FP32, BF16], "w", cache, clock=clock, meter=lambda: lambda: 0.1)
+    assert quiet.source == "probe" and cache.get("w") is not None
+
+
+def test_other_processes_cpu_is_measured_and_our_own_is_not() -> None:
+    import subprocess
+    import sys
+
+    def spin(seconds: float) -> None:
+        t = time.monotonic()
+        while time.monotonic() - t < seconds:
+            pass
+
+    for work in (time.sleep, spin):  # our own busy second counts no more than a sleep
+        stop = numerics.cpu_elsewhere()
+        work(1.0)
+        if work is time.sleep:
+            resting = stop()
+        else:
+            assert stop() < resting + 0.3
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        stop = numerics.cpu_elsewhere()
+        time.sleep(1.0)
+        assert stop() > 0.5  # one busy core elsewhere
+    finally:
+        hog.kill()
 
 
 def test_fixed_settings_are_honoured_without_timing() -> None:
