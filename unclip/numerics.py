@@ -219,8 +219,9 @@ def cpu_elsewhere() -> Callable[[], float]:
                 fields = [int(v) for v in f.readline().split()[1:]]
         except (OSError, ValueError):
             return None
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+        # the "nice" column is left out: processes at a positive nice yield to ours
+        user, _nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        return (user + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
     t0, busy0, own0 = time.monotonic(), machine_busy_s(), time.process_time()
 
