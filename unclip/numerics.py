@@ -205,7 +205,7 @@ def describe(timings: dict[Numerics, float], chosen: Numerics) -> str:
     return ", ".join(parts)
 
 
-def cpu_elsewhere() -> Callable[[], float]:
+def cpu_elsewhere(count_niced: bool = False) -> Callable[[], float]:
     """Start measuring the CPU that other processes use; the returned function gives their
     mean number of busy cores since the start (0.0 where /proc/stat cannot be read).
 
@@ -220,8 +220,9 @@ def cpu_elsewhere() -> Callable[[], float]:
         except (OSError, ValueError):
             return None
         # the "nice" column is left out: processes at a positive nice yield to ours
-        user, _nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-        return (user + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        busy = user + system + irq + softirq + steal + (nice if count_niced else 0)
+        return busy / os.sysconf("SC_CLK_TCK")
 
     t0, busy0, own0 = time.monotonic(), machine_busy_s(), time.process_time()
 
