@@ -1,0 +1,359 @@
+"""``unclip import-embeddings``: precomputed CLIP embeddings -> an embedding table (no images).
+
+Users who already ran clip-retrieval (``clip-retrieval inference``, or the embeddings
+published for LAION) have, per shard ``N`` (the same zero-padded suffix in all three)::
+
+    img_emb/img_emb_N.npy          (n, D) image embeddings (float16 or float32)
+    text_emb/text_emb_N.npy        (n, D) text embeddings of the captions
+    metadata/metadata_N.parquet    n rows: caption, and image_path / url / key / ...
+
+This writes schema v1 without the image column (docs/formats.md), so the prior can train
+on them with no image at hand; the decoder and upsamplers refuse such a table (they learn
+from pixels). Plain numpy and pyarrow, one shard at a time; no Ray.
+
+Checked before anything is written (any failure: one line, nothing written):
+
+- every shard has its three files, both arrays are 2-D float with the same D in every
+  shard, and the three row counts of a shard agree;
+- D equals the embedding size of the CLIP named by ``--clip`` / ``--pretrained`` (read from
+  open_clip's model config or the checkpoint: no weights are loaded), so embeddings made
+  by another CLIP are refused rather than trained on;
+- the embeddings are L2-normalised, as CLIP's are: norms within ``NORM_TOLERANCE`` of 1
+  (float16 storage) are re-normalised exactly; larger deviations are refused unless
+  ``--renormalize`` says to normalise them.
+
+Per row: a missing / empty caption, a non-finite or zero embedding, or an id seen before
+goes to the errors table ``<output>_errors`` (stage ``caption`` / ``embed`` / ``read``)
+with the reason; every other row is written. The id is the metadata's ``key`` (or ``id``)
+column, else a hash of the row's position (``metadata_N.parquet#i``). Re-running adds
+only ids not yet in the table, like ``unclip embed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import posixpath
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import table
+from pipelines.sources import Problem, hash_id
+from unclip import fs
+from unclip.clip_identity import ClipIdentity
+from unclip.errors import UserError
+from unclip.schema import DataError, check_clip, errors_uri, parquet_files, read_table_info
+
+FORMATS = ("clip-retrieval",)
+NORM_TOLERANCE = 0.02  # float16 storage keeps norms within ~1e-3 of 1
+ROWS_PER_PART = 65536
+SHARD_RE = re.compile(r"^(img_emb|text_emb|metadata)_(.+)\.(npy|parquet)$")
+ID_COLUMNS = ("key", "id")
+SOURCE_COLUMNS = ("image_path", "url")
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str  # the shared suffix, e.g. "0000"
+    img: str
+    text: str
+    meta: str
+
+
+@dataclass(frozen=True)
+class ImportSummary:
+    output: str
+    shards: int
+    rows: int  # rows in the input
+    written: int
+    skipped: int  # ids already in the table
+    failed: int  # rows in the errors table (new this run)
+    renormalized: bool
+    elapsed_s: float
+
+    def line(self) -> str:
+        return (
+            f"imported {self.written} rows from {self.shards} shard(s) ({self.rows} in the "
+            f"input, {self.skipped} already in the table, {self.failed} to "
+            f"{errors_uri(self.output)}); {self.elapsed_s:.1f} s -> {self.output}"
+        )
+
+
+# ---------------------------------------------------------------------------- CLI
+def run(args: argparse.Namespace) -> int:
+    summary = import_clip_retrieval(
+        args.input,
+        args.output,
+        args.clip,
+        args.pretrained,
+        renormalize=args.renormalize,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
+    print(summary.line())
+    return 0
+
+
+# ---------------------------------------------------------------------------- layout
+def find_shards(uri: str) -> list[Shard]:
+    """The shards of a clip-retrieval output folder, each with its three files."""
+    if not fs.exists(uri):
+        raise FileNotFoundError(f"input {uri!r} does not exist")
+    files: dict[str, dict[str, str]] = {}
+    for sub in ("img_emb", "text_emb", "metadata"):
+        folder = fs.join(uri, sub)
+        if not fs.exists(folder):
+            raise UserError(
+                f"{uri!r} is not a clip-retrieval output: no {sub}/ folder (expected "
+                "img_emb/img_emb_N.npy, text_emb/text_emb_N.npy, metadata/metadata_N.parquet)"
+            )
+        for name in fs.listdir(folder):
+            m = SHARD_RE.match(name)
+            if m and m.group(1) == sub:
+                files.setdefault(m.group(2), {})[sub] = fs.join(folder, name)
+    if not files:
+        raise UserError(f"no img_emb_N.npy / text_emb_N.npy / metadata_N.parquet under {uri!r}")
+    shards = []
+    for name in sorted(files):
+        have = files[name]
+        missing = [s for s in ("img_emb", "text_emb", "metadata") if s not in have]
+        if missing:
+            raise UserError(
+                f"shard {name} of {uri!r} lacks {', '.join(missing)} (it has "
+                f"{', '.join(posixpath.basename(p) for p in have.values())}); the prior needs "
+                "image and text embeddings and the captions of every row"
+            )
+        shards.append(Shard(name, have["img_emb"], have["text_emb"], have["metadata"]))
+    return shards
+
+
+def npy_shape(uri: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from a ``.npy`` header, without reading the array."""
+    fsys, path = fs.get_fs(uri)
+    with fsys.open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = {
+                (1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0,
+            }.get(version)
+            if read_header is None:
+                raise ValueError(f"unsupported .npy format version {version}")
+            shape, _, dtype = read_header(f)
+        except ValueError as e:
+            raise UserError(f"{uri}: not a .npy array ({e})") from None
+    return tuple(shape), np.dtype(dtype)
+
+
+def check_layout(shards: list[Shard], identity: ClipIdentity) -> int:
+    """Validate every shard's shapes against each other and the CLIP; returns the rows."""
+    total = 0
+    for s in shards:
+        (ishape, idt), (tshape, tdt) = npy_shape(s.img), npy_shape(s.text)
+        for uri, shape, dt in ((s.img, ishape, idt), (s.text, tshape, tdt)):
+            if len(shape) != 2 or dt.kind != "f":
+                raise UserError(
+                    f"{uri}: expected a 2-D float array (rows, dim), found {dt} {shape}"
+                )
+            if shape[1] != identity.embed_dim:
+                raise UserError(
+                    f"{uri} holds embeddings of dim {shape[1]}, but CLIP "
+                    f"{identity.model!r} embeds to dim {identity.embed_dim}: name the CLIP "
+                    "that made these embeddings (--clip NAME --pretrained TAG)"
+                )
+        pafs, path = fs.pyarrow_fs(s.meta)
+        meta_rows = pq.read_metadata(path, filesystem=pafs).num_rows
+        if not ishape[0] == tshape[0] == meta_rows:
+            raise UserError(
+                f"shard {s.name}: {ishape[0]} image embeddings, {tshape[0]} text embeddings "
+                f"and {meta_rows} metadata rows; the three files of a shard must have one "
+                "row per sample"
+            )
+        names = pq.read_schema(path, filesystem=pafs).names
+        if "caption" not in names:
+            raise UserError(f"{s.meta}: no 'caption' column (found {sorted(names)})")
+        total += meta_rows
+    return total
+
+
+# ---------------------------------------------------------------------------- rows
+def load_array(uri: str) -> np.ndarray:
+    fsys, path = fs.get_fs(uri)
+    with fsys.open(path, "rb") as f:
+        return np.load(f, allow_pickle=False)
+
+
+def norm_problem(emb: np.ndarray, renormalize: bool, where: str) -> str | None:
+    """Refuse embeddings that are not unit-norm (beyond float16 rounding) unless told."""
+    norms = np.linalg.norm(emb.astype(np.float64), axis=1)
+    ok = np.isfinite(norms) & (norms > 0)
+    if not ok.any() or renormalize:
+        return None
+    dev = np.abs(norms[ok] - 1.0)
+    if dev.max() > NORM_TOLERANCE:
+        return (
+            f"{where}: embeddings are not L2-normalised (norms {norms[ok].min():.3g} to "
+            f"{norms[ok].max():.3g}); CLIP embeddings are unit vectors: check they are "
+            "CLIP's, or pass --renormalize to normalise them"
+        )
+    return None
+
+
+def shard_rows(
+    shard: Shard, tokenize: Callable[[list[str]], list[list[int]]], renormalize: bool
+) -> tuple[pa.Table, list[Problem]]:
+    """One shard -> (schema-v1 columns of its good rows, problems of the others)."""
+    img = load_array(shard.img)
+    text = load_array(shard.text)
+    for arr, uri in ((img, shard.img), (text, shard.text)):
+        msg = norm_problem(arr, renormalize, uri)
+        if msg:
+            raise UserError(msg)
+    pafs, path = fs.pyarrow_fs(shard.meta)
+    meta = pq.read_table(path, filesystem=pafs)
+    n = meta.num_rows
+    names = meta.column_names
+    positions = [f"{shard.meta}#{i}" for i in range(n)]
+    id_col = next((c for c in ID_COLUMNS if c in names), None)
+    raw_ids = meta.column(id_col).to_pylist() if id_col else [None] * n
+    ids = [
+        str(k) if k not in (None, "") else hash_id(p)
+        for k, p in zip(raw_ids, positions, strict=True)
+    ]
+    src_col = next((c for c in SOURCE_COLUMNS if c in names), None)
+    sources = meta.column(src_col).to_pylist() if src_col else [None] * n
+    sources = [s if s else p for s, p in zip(sources, positions, strict=True)]
+    urls = meta.column("url").to_pylist() if "url" in names else [None] * n
+    captions = meta.column("caption").to_pylist()
+
+    problems: list[Problem] = []
+    keep = np.ones(n, dtype=bool)
+    norms_i = np.linalg.norm(img.astype(np.float64), axis=1)
+    norms_t = np.linalg.norm(text.astype(np.float64), axis=1)
+    for i in range(n):
+        cap = captions[i].strip() if isinstance(captions[i], str) else ""
+        if not cap:
+            problems.append(Problem(ids[i], sources[i], "caption", "missing or empty caption"))
+            keep[i] = False
+        elif not (np.isfinite(norms_i[i]) and norms_i[i] > 0):
+            problems.append(
+                Problem(ids[i], sources[i], "embed", "image embedding is zero or not finite")
+            )
+            keep[i] = False
+        elif not (np.isfinite(norms_t[i]) and norms_t[i] > 0):
+            problems.append(
+                Problem(ids[i], sources[i], "embed", "text embedding is zero or not finite")
+            )
+            keep[i] = False
+    idx = np.flatnonzero(keep)
+    img = (img[idx].astype(np.float64) / norms_i[idx, None]).astype(np.float32)
+    text = (text[idx].astype(np.float64) / norms_t[idx, None]).astype(np.float32)
+    kept_caps = [captions[i].strip() for i in idx]
+    cols = {
+        "id": pa.array([ids[i] for i in idx], pa.string()),
+        "caption": pa.array(kept_caps, pa.string()),
+        "source": pa.array([sources[i] for i in idx], pa.string()),
+        "text_emb": table.embedding_array(text),
+        "image_emb": table.embedding_array(img),
+        "text_tokens": table.tokens_array(tokenize(kept_caps) if kept_caps else []),
+        "url": pa.array([urls[i] for i in idx], pa.string()),
+        "width": pa.nulls(len(idx), pa.int32()),
+        "height": pa.nulls(len(idx), pa.int32()),
+    }
+    return pa.table(cols), problems
+
+
+def tokenizer_for(identity: ClipIdentity) -> Callable[[list[str]], list[list[int]]]:
+    """The CLIP's own tokenizer (no weights), ids stripped of padding as ``unclip embed``
+    stores them."""
+    import open_clip
+
+    from unclip.clip import Clip
+    from unclip.clip_identity import looks_like_checkpoint
+
+    if looks_like_checkpoint(identity.model):
+        tok = open_clip.tokenizer.SimpleTokenizer(context_length=identity.context_length)
+    else:
+        tok = open_clip.get_tokenizer(identity.model)
+
+    def tokenize(captions: list[str]) -> list[list[int]]:
+        return Clip.strip_tokens(tok(captions))
+
+    return tokenize
+
+
+# ---------------------------------------------------------------------------- job
+def import_clip_retrieval(
+    input_uri: str,
+    output: str,
+    clip: str,
+    pretrained: str = "",
+    renormalize: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> ImportSummary:
+    """Import a clip-retrieval output folder into the table at ``output`` (module doc)."""
+    from unclip.clip import identity_of
+    from unclip.schema import table_schema
+
+    say = log or (lambda m: None)
+    t0 = time.perf_counter()
+    if not clip:
+        raise UserError(
+            "--clip is required: the open_clip name (with --pretrained TAG) or the CLIP "
+            "checkpoint that made these embeddings"
+        )
+    if input_uri.rstrip("/") == output.rstrip("/"):
+        raise UserError("--output must differ from --input")
+    identity = identity_of(clip, pretrained)
+    shards = find_shards(input_uri)
+    total = check_layout(shards, identity)
+    if parquet_files(output):
+        try:
+            check_clip(
+                read_table_info(output),
+                embed_dim=identity.embed_dim,
+                fingerprint=identity.fingerprint,
+                what=f"--clip {clip!r}",
+            )
+        except DataError as e:
+            raise UserError(f"cannot add to {output}: {e}") from None
+    table.check_writable(output)
+    schema = table_schema(identity.embed_dim, identity, with_image=False, with_source_meta=True)
+    tokenize = tokenizer_for(identity)
+    done = table.committed_ids(output)
+    known = table.known_problems(output)
+    first_source: dict[str, str] = {}  # id -> the source of the row kept for it
+    written = skipped = failed = 0
+    for k, shard in enumerate(shards):
+        rows, problems = shard_rows(shard, tokenize, renormalize)
+        ids, srcs = rows.column("id").to_pylist(), rows.column("source").to_pylist()
+        keep = np.ones(rows.num_rows, dtype=bool)
+        for j, (rid, src) in enumerate(zip(ids, srcs, strict=True)):
+            if rid in first_source:
+                kept_from = first_source[rid]
+                problems.append(
+                    Problem(rid, src, "read", f"duplicate id; kept the row from {kept_from}")
+                )
+                keep[j] = False
+            else:
+                first_source[rid] = src
+        new = table.not_in(ids, done)
+        skipped += int((keep & ~new).sum())
+        rows = rows.filter(pa.array(keep & new))
+        fresh = [p for p in problems if (p.id, p.stage, p.error) not in known]
+        if fresh:
+            t = table.problems_table([tuple(p) for p in fresh])
+            table.write_part(t, errors_uri(output), [repr(tuple(p)) for p in fresh])
+            failed += len(fresh)
+        for start in range(0, rows.num_rows, ROWS_PER_PART):
+            part = rows.slice(start, ROWS_PER_PART).cast(schema)
+            table.write_part(part, output, part.column("id").to_pylist())
+            written += part.num_rows
+        say(f"import: shard {shard.name} ({k + 1}/{len(shards)}), {written} rows written")
+    elapsed = time.perf_counter() - t0
+    return ImportSummary(output, len(shards), total, written, skipped, failed, renormalize, elapsed)
