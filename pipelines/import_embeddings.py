@@ -9,7 +9,8 @@ published for LAION) have, per shard ``N`` (the same zero-padded suffix in all t
 
 This writes schema v1 without the image column (docs/formats.md), so the prior can train
 on them with no image at hand; the decoder and upsamplers refuse such a table (they learn
-from pixels). Plain numpy and pyarrow, one shard at a time; no Ray.
+from pixels). Plain numpy and pyarrow in one process, no Ray: each shard is read in chunks
+of ``ROWS_PER_PART`` rows by ranged reads (local or S3), never whole.
 
 Checked before anything is written (any failure: one line, nothing written):
 
@@ -18,13 +19,14 @@ Checked before anything is written (any failure: one line, nothing written):
 - D equals the embedding size of the CLIP named by ``--clip`` / ``--pretrained`` (read from
   open_clip's model config or the checkpoint: no weights are loaded), so embeddings made
   by another CLIP are refused rather than trained on;
-- the embeddings are L2-normalised, as CLIP's are: norms within ``NORM_TOLERANCE`` of 1
-  (float16 storage) are re-normalised exactly; larger deviations are refused unless
-  ``--renormalize`` says to normalise them.
+- the embeddings are L2-normalised, as CLIP's are: the first ``NORM_SAMPLE`` rows of each
+  shard must have norms within ``NORM_TOLERANCE`` of 1 (float16 storage), else the input is
+  refused unless ``--renormalize`` says to normalise them. Every written embedding is
+  re-normalised exactly.
 
-Per row: a missing / empty caption, a non-finite or zero embedding, or an id seen before
-goes to the errors table ``<output>_errors`` (stage ``caption`` / ``embed`` / ``read``)
-with the reason; every other row is written. The id is the metadata's ``key`` (or ``id``)
+Per row: a missing / empty caption, a non-finite, zero or (without ``--renormalize``)
+not-unit embedding, or an id seen before goes to the errors table ``<output>_errors``
+(stage ``caption`` / ``embed`` / ``read``) with the reason; every other row is written. The id is the metadata's ``key`` (or ``id``)
 column, else a hash of the row's position (``metadata_N.parquet#i``). Re-running adds
 only ids not yet in the table, like ``unclip embed``.
 """
@@ -52,7 +54,8 @@ from unclip.schema import DataError, check_clip, errors_uri, parquet_files, read
 
 FORMATS = ("clip-retrieval",)
 NORM_TOLERANCE = 0.02  # float16 storage keeps norms within ~1e-3 of 1
-ROWS_PER_PART = 65536
+ROWS_PER_PART = 65536  # rows read, checked and committed together
+NORM_SAMPLE = 4096  # first rows of each shard whose norms decide before anything is written
 SHARD_RE = re.compile(r"^(img_emb|text_emb|metadata)_(.+)\.(npy|parquet)$")
 ID_COLUMNS = ("key", "id")
 SOURCE_COLUMNS = ("image_path", "url")
@@ -132,8 +135,16 @@ def find_shards(uri: str) -> list[Shard]:
     return shards
 
 
-def npy_shape(uri: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype from a ``.npy`` header, without reading the array."""
+@dataclass(frozen=True)
+class NpyHeader:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+    offset: int  # byte offset of the data
+
+
+def npy_header(uri: str) -> NpyHeader:
+    """A ``.npy`` file's header, without reading the array."""
     fsys, path = fs.get_fs(uri)
     with fsys.open(path, "rb") as f:
         try:
@@ -144,19 +155,35 @@ def npy_shape(uri: str) -> tuple[tuple[int, ...], np.dtype]:
             }.get(version)
             if read_header is None:
                 raise ValueError(f"unsupported .npy format version {version}")
-            shape, _, dtype = read_header(f)
+            shape, fortran, dtype = read_header(f)
         except ValueError as e:
             raise UserError(f"{uri}: not a .npy array ({e})") from None
-    return tuple(shape), np.dtype(dtype)
+        return NpyHeader(tuple(shape), np.dtype(dtype), bool(fortran), f.tell())
 
 
-def check_layout(shards: list[Shard], identity: ClipIdentity) -> int:
-    """Validate every shard's shapes against each other and the CLIP; returns the rows."""
+def npy_rows(uri: str, head: NpyHeader, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of a 2-D C-order ``.npy`` file, by one ranged read (local or
+    S3): a shard is never held in memory whole."""
+    row = head.shape[1] * head.dtype.itemsize
+    fsys, path = fs.get_fs(uri)
+    with fsys.open(path, "rb") as f:
+        f.seek(head.offset + start * row)
+        data = f.read((stop - start) * row)
+    if len(data) != (stop - start) * row:
+        raise UserError(f"{uri}: file ends before row {stop} (truncated?)")
+    return np.frombuffer(data, dtype=head.dtype).reshape(stop - start, head.shape[1])
+
+
+def check_layout(shards: list[Shard], identity: ClipIdentity, renormalize: bool) -> int:
+    """Validate every shard's shapes against each other and the CLIP, and the norms of its
+    first rows; returns the number of rows."""
     total = 0
     for s in shards:
-        (ishape, idt), (tshape, tdt) = npy_shape(s.img), npy_shape(s.text)
-        for uri, shape, dt in ((s.img, ishape, idt), (s.text, tshape, tdt)):
-            if len(shape) != 2 or dt.kind != "f":
+        ihead, thead = npy_header(s.img), npy_header(s.text)
+        ishape, tshape = ihead.shape, thead.shape
+        for uri, head in ((s.img, ihead), (s.text, thead)):
+            shape, dt = head.shape, head.dtype
+            if len(shape) != 2 or dt.kind != "f" or head.fortran_order:
                 raise UserError(
                     f"{uri}: expected a 2-D float array (rows, dim), found {dt} {shape}"
                 )
@@ -177,91 +204,106 @@ def check_layout(shards: list[Shard], identity: ClipIdentity) -> int:
         names = pq.read_schema(path, filesystem=pafs).names
         if "caption" not in names:
             raise UserError(f"{s.meta}: no 'caption' column (found {sorted(names)})")
+        k = min(NORM_SAMPLE, meta_rows)
+        for uri, head in ((s.img, ihead), (s.text, thead)):
+            msg = norm_problem(npy_rows(uri, head, 0, k), renormalize, uri)
+            if msg:
+                raise UserError(msg)
         total += meta_rows
     return total
 
 
 # ---------------------------------------------------------------------------- rows
-def load_array(uri: str) -> np.ndarray:
-    fsys, path = fs.get_fs(uri)
-    with fsys.open(path, "rb") as f:
-        return np.load(f, allow_pickle=False)
-
-
 def norm_problem(emb: np.ndarray, renormalize: bool, where: str) -> str | None:
     """Refuse embeddings that are not unit-norm (beyond float16 rounding) unless told."""
-    norms = np.linalg.norm(emb.astype(np.float64), axis=1)
+    norms = np.linalg.norm(emb.astype(np.float32), axis=1)
     ok = np.isfinite(norms) & (norms > 0)
     if not ok.any() or renormalize:
         return None
-    dev = np.abs(norms[ok] - 1.0)
-    if dev.max() > NORM_TOLERANCE:
+    if np.abs(norms[ok] - 1.0).max() > NORM_TOLERANCE:
         return (
-            f"{where}: embeddings are not L2-normalised (norms {norms[ok].min():.3g} to "
-            f"{norms[ok].max():.3g}); CLIP embeddings are unit vectors: check they are "
-            "CLIP's, or pass --renormalize to normalise them"
+            f"{where}: embeddings are not L2-normalised (norms of the first rows "
+            f"{norms[ok].min():.3g} to {norms[ok].max():.3g}); CLIP embeddings are unit "
+            "vectors: check they are CLIP's, or pass --renormalize to normalise them"
         )
     return None
 
 
-def shard_rows(
-    shard: Shard, tokenize: Callable[[list[str]], list[list[int]]], renormalize: bool
-) -> tuple[pa.Table, list[Problem]]:
-    """One shard -> (schema-v1 columns of its good rows, problems of the others)."""
-    img = load_array(shard.img)
-    text = load_array(shard.text)
-    for arr, uri in ((img, shard.img), (text, shard.text)):
-        msg = norm_problem(arr, renormalize, uri)
-        if msg:
-            raise UserError(msg)
+@dataclass(frozen=True)
+class ShardMeta:
+    """The per-row columns of a shard's metadata file that the table keeps."""
+
+    ids: list[str]
+    sources: list[str]
+    urls: list[str | None]
+    captions: list[str | None]
+
+
+def read_meta(shard: Shard) -> ShardMeta:
     pafs, path = fs.pyarrow_fs(shard.meta)
-    meta = pq.read_table(path, filesystem=pafs)
-    n = meta.num_rows
-    names = meta.column_names
-    positions = [f"{shard.meta}#{i}" for i in range(n)]
+    names = pq.read_schema(path, filesystem=pafs).names
     id_col = next((c for c in ID_COLUMNS if c in names), None)
-    raw_ids = meta.column(id_col).to_pylist() if id_col else [None] * n
+    src_col = next((c for c in SOURCE_COLUMNS if c in names), None)
+    url_col = "url" if "url" in names else None
+    cols = list(dict.fromkeys(c for c in ("caption", id_col, src_col, url_col) if c))
+    meta = pq.read_table(path, columns=cols, filesystem=pafs)
+    n = meta.num_rows
+
+    def column(name: str | None) -> list:
+        return meta.column(name).to_pylist() if name else [None] * n
+
+    positions = [f"{shard.meta}#{i}" for i in range(n)]
     ids = [
         str(k) if k not in (None, "") else hash_id(p)
-        for k, p in zip(raw_ids, positions, strict=True)
+        for k, p in zip(column(id_col), positions, strict=True)
     ]
-    src_col = next((c for c in SOURCE_COLUMNS if c in names), None)
-    sources = meta.column(src_col).to_pylist() if src_col else [None] * n
-    sources = [s if s else p for s, p in zip(sources, positions, strict=True)]
-    urls = meta.column("url").to_pylist() if "url" in names else [None] * n
-    captions = meta.column("caption").to_pylist()
+    sources = [s or p for s, p in zip(column(src_col), positions, strict=True)]
+    return ShardMeta(ids, sources, column(url_col), column("caption"))
 
+
+def chunk_rows(
+    shard: Shard,
+    heads: tuple[NpyHeader, NpyHeader],
+    meta: ShardMeta,
+    start: int,
+    stop: int,
+    tokenize: Callable[[list[str]], list[list[int]]],
+    renormalize: bool,
+) -> tuple[pa.Table, list[Problem]]:
+    """Rows ``[start, stop)`` of a shard -> (schema-v1 columns of the good rows, problems
+    of the others)."""
+    img = npy_rows(shard.img, heads[0], start, stop).astype(np.float32)
+    text = npy_rows(shard.text, heads[1], start, stop).astype(np.float32)
+    norms = {"image": np.linalg.norm(img, axis=1), "text": np.linalg.norm(text, axis=1)}
     problems: list[Problem] = []
-    keep = np.ones(n, dtype=bool)
-    norms_i = np.linalg.norm(img.astype(np.float64), axis=1)
-    norms_t = np.linalg.norm(text.astype(np.float64), axis=1)
-    for i in range(n):
-        cap = captions[i].strip() if isinstance(captions[i], str) else ""
-        if not cap:
-            problems.append(Problem(ids[i], sources[i], "caption", "missing or empty caption"))
-            keep[i] = False
-        elif not (np.isfinite(norms_i[i]) and norms_i[i] > 0):
-            problems.append(
-                Problem(ids[i], sources[i], "embed", "image embedding is zero or not finite")
-            )
-            keep[i] = False
-        elif not (np.isfinite(norms_t[i]) and norms_t[i] > 0):
-            problems.append(
-                Problem(ids[i], sources[i], "embed", "text embedding is zero or not finite")
-            )
-            keep[i] = False
+    keep = np.ones(stop - start, dtype=bool)
+    for j in range(stop - start):
+        i = start + j
+        cap = meta.captions[i].strip() if isinstance(meta.captions[i], str) else ""
+        why = "" if cap else "missing or empty caption"
+        stage = "caption"
+        for what, n in norms.items():
+            if why:
+                break
+            stage = "embed"
+            if not (np.isfinite(n[j]) and n[j] > 0):
+                why = f"{what} embedding is zero or not finite"
+            elif not renormalize and abs(n[j] - 1) > NORM_TOLERANCE:
+                why = f"{what} embedding has norm {n[j]:.3g}, not 1 (--renormalize to accept)"
+        if why:
+            problems.append(Problem(meta.ids[i], meta.sources[i], stage, why))
+            keep[j] = False
     idx = np.flatnonzero(keep)
-    img = (img[idx].astype(np.float64) / norms_i[idx, None]).astype(np.float32)
-    text = (text[idx].astype(np.float64) / norms_t[idx, None]).astype(np.float32)
-    kept_caps = [captions[i].strip() for i in idx]
+    rows = idx + start
+    captions = [meta.captions[i].strip() for i in rows]
     cols = {
-        "id": pa.array([ids[i] for i in idx], pa.string()),
-        "caption": pa.array(kept_caps, pa.string()),
-        "source": pa.array([sources[i] for i in idx], pa.string()),
-        "text_emb": table.embedding_array(text),
-        "image_emb": table.embedding_array(img),
-        "text_tokens": table.tokens_array(tokenize(kept_caps) if kept_caps else []),
-        "url": pa.array([urls[i] for i in idx], pa.string()),
+        "id": pa.array([meta.ids[i] for i in rows], pa.string()),
+        "caption": pa.array(captions, pa.string()),
+        "source": pa.array([meta.sources[i] for i in rows], pa.string()),
+        "text_emb": table.embedding_array(text[idx] / norms["text"][idx, None]),
+        "image_emb": table.embedding_array(img[idx] / norms["image"][idx, None]),
+        "text_tokens": table.tokens_array(tokenize(captions) if captions else []),
+        "url": pa.array([meta.urls[i] for i in rows], pa.string()),
         "width": pa.nulls(len(idx), pa.int32()),
         "height": pa.nulls(len(idx), pa.int32()),
     }
@@ -311,7 +353,7 @@ def import_clip_retrieval(
         raise UserError("--output must differ from --input")
     identity = identity_of(clip, pretrained)
     shards = find_shards(input_uri)
-    total = check_layout(shards, identity)
+    total = check_layout(shards, identity, renormalize)
     if parquet_files(output):
         try:
             check_clip(
@@ -330,30 +372,32 @@ def import_clip_retrieval(
     first_source: dict[str, str] = {}  # id -> the source of the row kept for it
     written = skipped = failed = 0
     for k, shard in enumerate(shards):
-        rows, problems = shard_rows(shard, tokenize, renormalize)
-        ids, srcs = rows.column("id").to_pylist(), rows.column("source").to_pylist()
-        keep = np.ones(rows.num_rows, dtype=bool)
-        for j, (rid, src) in enumerate(zip(ids, srcs, strict=True)):
-            if rid in first_source:
-                kept_from = first_source[rid]
-                problems.append(
-                    Problem(rid, src, "read", f"duplicate id; kept the row from {kept_from}")
-                )
-                keep[j] = False
-            else:
-                first_source[rid] = src
-        new = table.not_in(ids, done)
-        skipped += int((keep & ~new).sum())
-        rows = rows.filter(pa.array(keep & new))
-        fresh = [p for p in problems if (p.id, p.stage, p.error) not in known]
-        if fresh:
-            t = table.problems_table([tuple(p) for p in fresh])
-            table.write_part(t, errors_uri(output), [repr(tuple(p)) for p in fresh])
-            failed += len(fresh)
-        for start in range(0, rows.num_rows, ROWS_PER_PART):
-            part = rows.slice(start, ROWS_PER_PART).cast(schema)
-            table.write_part(part, output, part.column("id").to_pylist())
-            written += part.num_rows
+        heads = (npy_header(shard.img), npy_header(shard.text))
+        meta = read_meta(shard)
+        for start in range(0, len(meta.ids), ROWS_PER_PART):
+            stop = min(start + ROWS_PER_PART, len(meta.ids))
+            rows, problems = chunk_rows(shard, heads, meta, start, stop, tokenize, renormalize)
+            ids, srcs = rows.column("id").to_pylist(), rows.column("source").to_pylist()
+            keep = np.ones(rows.num_rows, dtype=bool)
+            for j, (rid, src) in enumerate(zip(ids, srcs, strict=True)):
+                if rid in first_source:
+                    why = f"duplicate id; kept the row from {first_source[rid]}"
+                    problems.append(Problem(rid, src, "read", why))
+                    keep[j] = False
+                else:
+                    first_source[rid] = src
+            new = table.not_in(ids, done)
+            skipped += int((keep & ~new).sum())
+            rows = rows.filter(pa.array(keep & new))
+            fresh = [p for p in problems if (p.id, p.stage, p.error) not in known]
+            if fresh:  # the errors of a part first, then its rows (as `unclip embed`)
+                t = table.problems_table([tuple(p) for p in fresh])
+                table.write_part(t, errors_uri(output), [repr(tuple(p)) for p in fresh])
+                failed += len(fresh)
+            if rows.num_rows:
+                part = rows.cast(schema)
+                table.write_part(part, output, part.column("id").to_pylist())
+                written += part.num_rows
         say(f"import: shard {shard.name} ({k + 1}/{len(shards)}), {written} rows written")
     elapsed = time.perf_counter() - t0
     return ImportSummary(output, len(shards), total, written, skipped, failed, renormalize, elapsed)

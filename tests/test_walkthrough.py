@@ -161,7 +161,9 @@ def test_own_data_walkthrough_with_vit_b_32(tmp_path, ray_session, capsys) -> No
         work / "bundle"
     )
     port = free_port()
-    deploy(serve_config(load_config(), str(work / "bundle"), port=port), timeout_s=600)
+    config = load_config()
+    config["applications"][0]["runtime_env"] = {"env_vars": {"PYTHONPATH": str(ROOT)}}
+    deploy(serve_config(config, str(work / "bundle"), port=port), timeout_s=600)
     try:
         body = {"prompt": "a red disc on the left", "num_images": 2, "seed": 0}
         r = requests.post(f"http://127.0.0.1:{port}/v1/generate", json=body, timeout=300)
