@@ -5,6 +5,7 @@ import cycles). Static checks: nothing is imported or run."""
 from __future__ import annotations
 
 import ast
+import os
 import re
 from pathlib import Path
 
@@ -24,13 +25,14 @@ GENERATED = {
 
 
 def tree_files() -> list[Path]:
+    """The repository's text files (the venv, caches and run outputs pruned, not walked)."""
     out = []
-    for p in ROOT.rglob("*"):
-        rel = p.relative_to(ROOT)
-        if any(part in SKIP_DIRS or part.endswith(".egg-info") for part in rel.parts):
-            continue
-        if p.is_file() and (p.suffix in SCANNED or p.name in SCANNED_NAMES):
-            out.append(p)
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info")]
+        for name in files:
+            p = Path(folder) / name
+            if p.suffix in SCANNED or name in SCANNED_NAMES:
+                out.append(p)
     return out
 
 
