@@ -355,3 +355,16 @@ def test_clip_retrieval_faults_are_refused_before_anything_is_written(retrieval,
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         import_clip_retrieval(str(tmp_path / "nowhere"), str(tmp_path / "o"), clip)
+
+
+def test_clip_retrieval_import_reads_and_writes_s3(retrieval, s3_bucket) -> None:
+    """Shards on S3 are read by ranged reads, the table is written to S3."""
+    from unclip import fs
+
+    fs.copy_tree(retrieval["input"], f"{s3_bucket}/laion")
+    out = f"{s3_bucket}/table"
+    s = import_clip_retrieval(f"{s3_bucket}/laion", out, str(retrieval["root"] / "clip"))
+    assert (s.written, s.failed) == (38, 2)
+    info = read_table_info(out)
+    assert info.num_rows == 38 and not info.has_image
+    assert len(parquet_files(errors_uri(out))) == 1
