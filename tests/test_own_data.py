@@ -313,7 +313,9 @@ def test_clip_retrieval_import_writes_schema_v1_and_the_prior_trains(
     assert "no image column" in err and "trains on images" in err and "prior only" in err
 
 
-def test_clip_retrieval_faults_are_refused_before_anything_is_written(retrieval, tmp_path) -> None:
+def test_clip_retrieval_faults_are_refused_before_anything_is_written(
+    retrieval, tmp_path, capsys
+) -> None:
     clip = str(retrieval["root"] / "clip")
     ok = clip_embeddings(retrieval["clip"], ["a", "b", "c"], 2)
 
@@ -355,6 +357,13 @@ def test_clip_retrieval_faults_are_refused_before_anything_is_written(retrieval,
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         import_clip_retrieval(str(tmp_path / "nowhere"), str(tmp_path / "o"), clip)
+    # the command line: one line on stderr, exit 1
+    capsys.readouterr()
+    argv = ["import-embeddings", "--format", "clip-retrieval", "--input", retrieval["input"]]
+    argv += ["--output", str(tmp_path / "cli"), "--clip", "ViT-B-32", "--pretrained", "openai"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "embeds to dim 512" in err[0]
 
 
 def test_clip_retrieval_import_reads_and_writes_s3(retrieval, s3_bucket) -> None:
