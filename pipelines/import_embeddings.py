@@ -356,14 +356,20 @@ def import_clip_retrieval(
     total = check_layout(shards, identity, renormalize)
     if parquet_files(output):
         try:
+            info = read_table_info(output)
             check_clip(
-                read_table_info(output),
+                info,
                 embed_dim=identity.embed_dim,
                 fingerprint=identity.fingerprint,
                 what=f"--clip {clip!r}",
             )
         except DataError as e:
             raise UserError(f"cannot add to {output}: {e}") from None
+        if info.has_image:  # rows without images would make the whole table image-less
+            raise UserError(
+                f"the table at {output} has an image column (made by `unclip embed`); "
+                "import precomputed embeddings into a table of their own"
+            )
     table.check_writable(output)
     schema = table_schema(identity.embed_dim, identity, with_image=False, with_source_meta=True)
     tokenize = tokenizer_for(identity)

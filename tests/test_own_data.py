@@ -357,6 +357,12 @@ def test_clip_retrieval_faults_are_refused_before_anything_is_written(
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         import_clip_retrieval(str(tmp_path / "nowhere"), str(tmp_path / "o"), clip)
+    # a table made by `unclip embed` (with images) is not mixed with image-less rows
+    from tests.tables import write_table
+
+    write_table(str(tmp_path / "with_images"), retrieval["clip"], n=8, files=1)
+    with pytest.raises(UserError, match="has an image column"):
+        import_clip_retrieval(retrieval["input"], str(tmp_path / "with_images"), clip)
     # the command line: one line on stderr, exit 1
     capsys.readouterr()
     argv = ["import-embeddings", "--format", "clip-retrieval", "--input", retrieval["input"]]
