@@ -3,7 +3,7 @@
     python bench/bench_embed.py [--n 20000] [--batch-size 128] [--repeats 3] [--cpus 2] [--cold]
 
 Both sides do the same work on the same generated folder of 64 px PNGs + captions with
-the same CLIP (the DESIGN.md small CLIP: embed 128, ViT 128 x 3 layers, patch 8 on 64 px,
+the same CLIP (the small CLIP of docs/benchmarks.md: embed 128, ViT 128 x 3 layers, patch 8 on 64 px,
 text 128 x 3 layers, context 32; random weights) and the same batch size:
 read, decode, centre crop, re-encode the image column (PNG, 64 px), tokenize, embed text
 and images, write Parquet. The plain loop runs in this process with ``--cpus`` torch

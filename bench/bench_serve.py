@@ -3,7 +3,7 @@
     python bench/bench_serve.py [--requests 24] [--steps 16,16,8] [--out results.json]
 
 Builds a bundle of randomly initialised stages at the sizes of the CPU "quick" preset
-(DESIGN.md: CLIP embed 128 / ViT 128x3 patch 8 at 64 px / text 128x3 ctx 32; prior width
+(docs/benchmarks.md: CLIP embed 128 / ViT 128x3 patch 8 at 64 px / text 128x3 ctx 32; prior width
 256 x 4 layers; decoder UNet 32 base channels at 32 px; upsampler 32 -> 64 px): weights do
 not matter for speed, sizes do. ``serving/config.yaml`` is deployed as ``unclip serve``
 does, once with dynamic batching on (the config's user_config) and once off

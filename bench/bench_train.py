@@ -47,7 +47,7 @@ from unclip.clip import Clip, save_clip_checkpoint  # noqa: E402
 from unclip.numerics import Numerics, candidates  # noqa: E402
 from unclip.schema import read_table_info  # noqa: E402
 
-# the embedded default's CLIP shape (DESIGN.md "Compute budget"), randomly initialised
+# the embedded default's CLIP shape (docs/benchmarks.md, "Sizing the CPU presets"), randomly initialised
 BENCH_CLIP = {
     "embed_dim": 128,
     "vision_cfg": {"image_size": 64, "layers": 3, "width": 128, "patch_size": 8, "head_width": 32},

@@ -38,6 +38,9 @@ DECODED_SCHEMA = pa.schema(
         ("pixels", pa.binary()),  # (S, S, 3) uint8 at the CLIP input size, row-major
         ("stage", pa.string()),  # null, or the ETL stage where the row failed
         ("error", pa.string()),
+        ("url", pa.string()),  # where the source tool fetched the image (null if unknown)
+        ("width", pa.int32()),  # the image as stored, after EXIF rotation (null if bad)
+        ("height", pa.int32()),
     ]
 )
 
@@ -172,13 +175,14 @@ def decode_rows(
     """Read rows -> a ``DECODED_SCHEMA`` table: a bad row keeps its id with stage + error."""
     cols: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
     for r in rows:
-        caption = png = pixels = None
+        caption = png = pixels = width = height = None
         problem = r.problem
         if problem is None:
             try:
                 caption = read_caption(r.caption)
                 img = decode_image(r.image or b"", clip_size, out_size, max_pixels)
                 png, pixels = img.png, img.pixels.tobytes()
+                width, height = img.width, img.height
             except RowError as e:
                 problem = Problem(r.id, r.source, e.stage, e.message)
                 caption = None
@@ -189,6 +193,9 @@ def decode_rows(
         cols["pixels"].append(pixels)
         cols["stage"].append(problem.stage if problem else None)
         cols["error"].append(problem.error if problem else None)
+        cols["url"].append(r.url)
+        cols["width"].append(width)
+        cols["height"].append(height)
     return pa.Table.from_pydict(cols, schema=DECODED_SCHEMA)
 
 

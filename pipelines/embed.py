@@ -1,6 +1,7 @@
 """``unclip embed``: the incremental Ray Data ETL, images + captions -> embedding table.
 
-The Ray shell around plain functions (DESIGN.md, "Embedding table"):
+The Ray shell around plain functions (docs/formats.md, "Embedding table"; the inputs it
+reads are in ``pipelines.sources``):
 
     driver   index the input (sources), drop duplicate ids and ids already committed
     tasks    read + decode + preprocess each chunk of rows (decode.decode_unit), CPU
@@ -14,6 +15,9 @@ at a time per output table).
 The errors table ``<output>_errors`` (id, source, stage, error) is a log of distinct
 problems:
 
+- stage ``download`` (the input's own tool, img2dataset, could not fetch the image: its
+  ``status`` and ``error_message``); these rows never reached this ETL, so they are
+  counted apart ("not downloaded") and not against ``--max-error-fraction``;
 - stage ``read`` (unreadable file or shard, caption without image, duplicate id: the first
   row in input order is kept), ``decode`` (zero bytes, not an image, truncated, over
   ``max_pixels`` by its header), ``caption`` (missing, empty, not UTF-8);
@@ -44,8 +48,8 @@ from pipelines import sources, table
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_units
 from pipelines.embedder import Embedder
 from unclip import fs
-from unclip.cli import UserError
-from unclip.clip_identity import ClipIdentity, load_identity
+from unclip.clip_identity import ClipIdentity, looks_like_checkpoint, read_identity
+from unclip.errors import UserError
 from unclip.schema import (
     DataError,
     check_clip,
@@ -135,6 +139,7 @@ class EmbedSummary:
     failed_known: int  # rows that failed again as recorded in an earlier run
     duplicates: int  # rows dropped because their id was taken by another row
     truncated: int  # captions cut to the CLIP context (rows embedded, warning recorded)
+    not_downloaded: int  # rows the input's tool could not fetch (img2dataset status), new
     parts: int  # Parquet parts committed (table + errors table)
     elapsed_s: float
     first_commit_s: float = 0.0  # until the first part landed (start-up: workers, model load)
@@ -151,7 +156,8 @@ class EmbedSummary:
         return (
             f"embedded {self.embedded} rows, skipped {self.skipped} already in the table, "
             f"failed {self.failed} (+{self.failed_known} recorded before), "
-            f"{self.duplicates} duplicate id(s), {self.truncated} caption(s) truncated; "
+            f"{self.duplicates} duplicate id(s), {self.truncated} caption(s) truncated, "
+            f"{self.not_downloaded} not downloaded by the input's tool; "
             f"{self.elapsed_s:.1f} s, {rate:.1f} rows/s -> {self.output} "
             f"(errors: {errors_uri(self.output)})"
         )
@@ -199,7 +205,7 @@ def run_embed(opts: EmbedOptions, log: Callable[[str], None] | None = None) -> E
     opts.check()
     opts = _absolute(opts)
     t0 = time.perf_counter()
-    identity = _clip_identity(opts)  # refuses a wrong CLIP before any work
+    identity, with_meta = _clip_identity(opts)  # refuses a wrong CLIP before any work
     table.check_writable(opts.output)
     index = _index_input(opts)
     entries, duplicates = sources.dedup(index.entries)
@@ -214,8 +220,10 @@ def run_embed(opts: EmbedOptions, log: Callable[[str], None] | None = None) -> E
     def is_new(p: sources.Problem) -> bool:
         return (p.id, p.stage, p.error) not in known
 
-    index_failed = [p for p in index.problems if is_new(p)]
-    found = index_failed + [p for p in duplicates if is_new(p)]
+    index_new = [p for p in index.problems if is_new(p)]
+    index_failed = [p for p in index_new if p.stage != "download"]
+    not_downloaded = len(index_new) - len(index_failed)
+    found = index_new + [p for p in duplicates if is_new(p)]
     if found:
         rows = [tuple(p) for p in found]
         table.write_part(table.problems_table(rows), errors_uri(opts.output), map(repr, rows))
@@ -225,7 +233,7 @@ def run_embed(opts: EmbedOptions, log: Callable[[str], None] | None = None) -> E
     )
     progress = _Progress(len(todo), t0, say if opts.progress else None)
     if todo:
-        for part in _execute(opts, identity, todo, known, say):
+        for part in _execute(opts, identity, with_meta, todo, known, say):
             progress.add(part)
     c = progress.counts
     elapsed = time.perf_counter() - t0
@@ -235,9 +243,10 @@ def run_embed(opts: EmbedOptions, log: Callable[[str], None] | None = None) -> E
         embedded=c["rows"],
         skipped=len(entries) - len(todo),
         failed=c["failed"] + len(index_failed),
-        failed_known=c["failed_known"] + len(index.problems) - len(index_failed),
+        failed_known=c["failed_known"] + len(index.problems) - len(index_new),
         duplicates=len(duplicates),
         truncated=c["warnings"],
+        not_downloaded=not_downloaded,
         parts=c["parts"] + (1 if found else 0),
         elapsed_s=elapsed,
         first_commit_s=progress.first_commit_s,
@@ -302,11 +311,22 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _clip_identity(opts: EmbedOptions) -> ClipIdentity:
-    """The CLIP's identity, refused before any work if the existing table used another."""
-    identity = load_identity(opts.clip, opts.pretrained)  # a checkpoint's without torch
+def load_identity(clip: str, pretrained: str = "") -> ClipIdentity:
+    """The identity of ``--clip``: a checkpoint's read without torch (the driver's start),
+    an open_clip name's by loading the model (``unclip.clip``, imported only then)."""
+    if looks_like_checkpoint(clip):
+        return read_identity(clip)
+    from unclip.clip import Clip
+
+    return Clip.load(clip, pretrained).identity
+
+
+def _clip_identity(opts: EmbedOptions) -> tuple[ClipIdentity, bool]:
+    """The CLIP's identity, refused before any work if the existing table used another,
+    and whether the table has the source metadata columns (new tables do)."""
+    identity = load_identity(opts.clip, opts.pretrained)
     if not parquet_files(opts.output):
-        return identity
+        return identity, True
     try:
         info = read_table_info(opts.output)
         check_clip(
@@ -324,7 +344,8 @@ def _clip_identity(opts: EmbedOptions) -> ClipIdentity:
             "--image-size as before (0 = no image column)"
         )
     # same weights: keep the table's own name for them so every file agrees
-    return dataclasses.replace(identity, model=info.clip_model, pretrained=info.clip_pretrained)
+    same = dataclasses.replace(identity, model=info.clip_model, pretrained=info.clip_pretrained)
+    return same, info.has_source_meta
 
 
 def _index_input(opts: EmbedOptions) -> sources.InputIndex:
@@ -391,6 +412,7 @@ def _default_threads(workers: int, node_cpus: list[float], actor_cpus: float) ->
 def _execute(
     opts: EmbedOptions,
     identity: ClipIdentity,
+    with_meta: bool,
     todo: list[sources.Entry],
     known: frozenset[tuple[str, str, str]],
     say: Callable[[str], None],
@@ -445,7 +467,12 @@ def _execute(
         batch_format="pyarrow",
         fn_kwargs={
             "output": opts.output,
-            "schema": table_schema(identity.embed_dim, identity, with_image=opts.image_size > 0),
+            "schema": table_schema(
+                identity.embed_dim,
+                identity,
+                with_image=opts.image_size > 0,
+                with_source_meta=with_meta,
+            ),
             "known": known,
         },
         num_cpus=0,  # light; must not wait for a CPU behind the decode tasks

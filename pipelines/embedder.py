@@ -2,7 +2,8 @@
 
 ``Embedder`` loads the CLIP once (``unclip.clip.Clip.load``) and turns a decoded batch
 (``pipelines.decode.DECODED_SCHEMA``) into schema-v1 columns: L2-normalised ``text_emb`` and
-``image_emb`` as ``fixed_size_list<float32>[D]``, ``text_tokens`` as the stripped ids, plus
+``image_emb`` as ``fixed_size_list<float32>[D]``, ``text_tokens`` as the stripped ids, the
+source metadata ``url``/``width``/``height`` passed through, plus
 ``stage``/``error`` (rows that failed upstream pass through, not embedded) and ``warning``
 (set when a caption was truncated to the CLIP context).
 
@@ -100,6 +101,9 @@ class Embedder:
                 "text_emb": embedding_array(text_emb),
                 "image_emb": embedding_array(image_emb),
                 "text_tokens": tokens_array(tokens),
+                "url": batch.column("url"),
+                "width": batch.column("width"),
+                "height": batch.column("height"),
                 "stage": batch.column("stage"),
                 "error": batch.column("error"),
                 "warning": pa.array(warning, pa.string()),

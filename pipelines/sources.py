@@ -1,18 +1,26 @@
 """Input sources of the embedding ETL: find, index and read (image, caption) rows. No Ray.
 
-Three input kinds (DESIGN.md, "Accepted inputs"), local or ``s3://``:
+Three input kinds (docs/formats.md, "Inputs of `unclip embed`"), local or ``s3://``:
 
 - ``folder``: images with same-named ``.txt`` captions, searched recursively
   (``a/b.jpg`` + ``a/b.txt``; id ``a/b``, the path without extension);
 - ``tar``: webdataset shards as img2dataset writes them (``KEY.jpg``/``KEY.png`` +
-  ``KEY.txt`` [+ ``KEY.json`` whose ``key`` is the id]; else the tar key is the id);
+  ``KEY.txt`` [+ ``KEY.json`` whose ``key`` is the id and whose ``url`` is kept]; else the
+  tar key is the id). img2dataset's ``NNNNN.parquet`` beside ``NNNNN.tar`` lists every row
+  it tried: rows whose ``status`` is not ``success`` become problems of stage ``download``
+  with img2dataset's ``error_message``; a row listed as a success but absent from the
+  shard becomes a ``read`` problem (nothing img2dataset fetched is dropped unseen);
 - ``parquet``: a ``caption`` column and either image bytes (``image`` binary, a
   ``{bytes, path}`` struct, or ``jpg``/``png``/``webp``) or an image path/URI column
   (``image_path``, ``image_uri``, ``path``, or a string ``image``), relative paths being
-  resolved against the Parquet file's folder; an ``id`` (or ``key``) column is the id.
+  resolved against the Parquet file's folder; an ``id`` (or ``key``) column is the id, a
+  ``url`` column is kept. img2dataset's ``parquet`` output is this layout (``key``,
+  ``caption``, ``jpg``, ``url``, ``status``, ``error_message``, ...): rows whose ``status``
+  is not ``success`` become ``download`` problems.
 
-A folder holding ``.tar`` files is read as shards (img2dataset's ``.parquet`` metadata beside
-them is ignored); else a folder with captioned images as an image folder; else its Parquet.
+A folder holding ``.tar`` files is read as shards (img2dataset's ``.parquet`` files beside
+them are read for their status only); else a folder with captioned images as an image
+folder; else its Parquet.
 Where a source has no key of its own the id is a hash of the source URI. Indexing lists
 every row with a small locator and no pixel data, so the driver can drop duplicate ids and
 rows already embedded before any image is read. ``read_unit`` then fetches a chunk of rows.
@@ -41,6 +49,9 @@ CAPTION_COLUMNS = ("caption", "txt", "text")
 BYTES_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "image_bytes")
 PATH_COLUMNS = ("image_path", "image_uri", "path", "image")
 ID_COLUMNS = ("id", "key")
+URL_COLUMN = "url"
+STATUS_COLUMN = "status"  # img2dataset: "success", "failed_to_download", "failed_to_resize"
+STATUS_OK = "success"
 REMOTE_READ_THREADS = 16
 
 
@@ -54,6 +65,7 @@ class Entry(NamedTuple):
     id: str
     source: str
     loc: tuple  # ("file", image_uri, caption_uri|None) | ("tar", ...) | ("pq", ...)
+    url: str | None = None  # where the source tool fetched the image from (img2dataset)
 
 
 class Problem(NamedTuple):
@@ -73,6 +85,7 @@ class RawRow(NamedTuple):
     image: bytes | None
     caption: bytes | str | None
     problem: Problem | None = None
+    url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -163,11 +176,33 @@ def index_folder(uri: str, files: Sequence[str]) -> InputIndex:
 
 
 # ---------------------------------------------------------------------------- tar
+def _download_problem(rid: str, src: str, status: object, message: object) -> Problem:
+    """A row the source tool (img2dataset) could not fetch, with its own message."""
+    msg = f"img2dataset status {status}"
+    return Problem(rid, src, "download", f"{msg}: {message}" if message else msg)
+
+
+def _shard_status(uri: str) -> pa.Table | None:
+    """img2dataset's per-shard table beside ``NNNNN.tar`` (``NNNNN.parquet``), if any,
+    with its key / status / error_message columns."""
+    side = uri[: -len(".tar")] + ".parquet"
+    if not fs.exists(side):
+        return None
+    pafs, path = fs.pyarrow_fs(side)
+    names = pq.read_schema(path, filesystem=pafs).names
+    if "key" not in names or STATUS_COLUMN not in names:
+        return None
+    cols = ["key", STATUS_COLUMN] + (["error_message"] if "error_message" in names else [])
+    return pq.read_table(path, columns=cols, filesystem=pafs)
+
+
 def index_tar(uri: str) -> tuple[list[Entry], list[Problem]]:
-    """Members of one webdataset shard, grouped by key (streamed once, no pixel decode)."""
+    """Members of one webdataset shard, grouped by key (streamed once, no pixel decode),
+    checked against img2dataset's status table beside the shard when there is one."""
     fsys, path = fs.get_fs(uri)
     groups: dict[str, dict[str, tuple[int, int, str]]] = {}
     json_keys: dict[str, str] = {}
+    urls: dict[str, str] = {}
     with fsys.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
         for m in tf:
             if not m.isfile():
@@ -185,22 +220,67 @@ def index_tar(uri: str) -> tuple[list[Entry], list[Problem]]:
                     meta = json.loads(member.read()) if member else {}
                 except ValueError:
                     meta = {}
-                if isinstance(meta, dict) and isinstance(meta.get("key"), str) and meta["key"]:
+                if not isinstance(meta, dict):
+                    continue
+                if isinstance(meta.get("key"), str) and meta["key"]:
                     json_keys[key] = meta["key"]
+                if isinstance(meta.get(URL_COLUMN), str):
+                    urls[key] = meta[URL_COLUMN]
     entries, problems = [], []
     for key, members in groups.items():
         image_ext = next((e for e in IMAGE_EXTS if e in members), None)
         rid = json_keys.get(key, key)
         if image_ext is None:
-            if ".txt" in members:
-                src = f"{uri}#{members['.txt'][2]}"
-                problems.append(Problem(rid, src, "read", "caption without an image in shard"))
+            if ".txt" in members or ".json" in members:
+                name = members.get(".txt", members.get(".json"))[2]
+                what = "caption" if ".txt" in members else "metadata"
+                problems.append(
+                    Problem(rid, f"{uri}#{name}", "read", f"{what} without an image in shard")
+                )
             continue
         off, size, name = members[image_ext]
         cap = members.get(".txt")
         loc = ("tar", uri, off, size, cap[0] if cap else -1, cap[1] if cap else -1)
-        entries.append(Entry(rid, f"{uri}#{name}", loc))
+        entries.append(Entry(rid, f"{uri}#{name}", loc, urls.get(key)))
+    status = _shard_status(uri)
+    if status is not None:
+        in_shard = {json_keys.get(k, k) for k in groups}
+        problems += _status_problems(uri, status, in_shard)
     return entries, problems
+
+
+def _status_problems(uri: str, status: pa.Table, in_shard: set[str]) -> list[Problem]:
+    """Rows of img2dataset's status table that are not in the shard: failed downloads
+    (stage ``download``) and successes missing from the tar (stage ``read``)."""
+    side = uri[: -len(".tar")] + ".parquet"
+    messages = (
+        status.column("error_message").to_pylist()
+        if "error_message" in status.column_names
+        else [None] * status.num_rows
+    )
+    problems = []
+    for i, (key, st, msg) in enumerate(
+        zip(
+            status.column("key").to_pylist(),
+            status.column(STATUS_COLUMN).to_pylist(),
+            messages,
+            strict=True,
+        )
+    ):
+        rid = str(key) if key not in (None, "") else hash_id(f"{side}#{i}")
+        if st != STATUS_OK:
+            problems.append(_download_problem(rid, f"{side}#{i}", st, msg))
+        elif rid not in in_shard:
+            problems.append(
+                Problem(
+                    rid,
+                    f"{side}#{i}",
+                    "read",
+                    f"img2dataset lists key {rid} as downloaded but {posixpath.basename(uri)} "
+                    "has no member for it (truncated or edited shard?)",
+                )
+            )
+    return problems
 
 
 # ---------------------------------------------------------------------------- parquet
@@ -248,31 +328,42 @@ def _resolve(base_uri: str, p: str) -> str:
 
 
 def index_parquet(uri: str) -> tuple[list[Entry], list[Problem]]:
-    """Rows of one Parquet file: reads the id (and path) columns only."""
+    """Rows of one Parquet file: reads the id, path, url and status columns only."""
     pafs, path = fs.pyarrow_fs(uri)
     pf = pq.ParquetFile(path, filesystem=pafs)
     layout = parquet_layout(pf.schema_arrow, uri)
-    cols = [c for c in (layout.id, layout.image if layout.image_kind == "path" else None) if c]
+    names = pf.schema_arrow.names
+    status_cols = [STATUS_COLUMN] if STATUS_COLUMN in names else []
+    status_cols += ["error_message"] if status_cols and "error_message" in names else []
+    url = URL_COLUMN if URL_COLUMN in names and layout.image != URL_COLUMN else None
+    path_col = layout.image if layout.image_kind == "path" else None
+    cols = list(dict.fromkeys(c for c in (layout.id, path_col, url, *status_cols) if c))
     entries: list[Entry] = []
     problems: list[Problem] = []
     row0 = 0
     for rg in range(pf.num_row_groups):
         n = pf.metadata.row_group(rg).num_rows
         t = pf.read_row_group(rg, columns=cols) if cols else None
-        ids = t.column(layout.id).to_pylist() if t is not None and layout.id else [None] * n
-        paths = t.column(layout.image).to_pylist() if layout.image_kind == "path" else None
+
+        def column(name: str | None, t: pa.Table | None = t, n: int = n) -> list:
+            return t.column(name).to_pylist() if t is not None and name else [None] * n
+
+        ids, paths, urls = column(layout.id), column(path_col), column(url)
+        status = column(status_cols[0] if status_cols else None)
+        messages = column(status_cols[1] if len(status_cols) > 1 else None)
         for i in range(n):
-            if paths is not None:
+            src = f"{uri}#{row0 + i}"
+            rid = str(ids[i]) if ids[i] not in (None, "") else hash_id(src)
+            if status_cols and status[i] != STATUS_OK:
+                problems.append(_download_problem(rid, src, status[i], messages[i]))
+                continue
+            if path_col is not None:
                 if not paths[i]:
-                    src = f"{uri}#{row0 + i}"
-                    rid = str(ids[i]) if ids[i] not in (None, "") else hash_id(src)
                     problems.append(Problem(rid, src, "read", "empty image path"))
                     continue
                 src = _resolve(uri, paths[i])
-            else:
-                src = f"{uri}#{row0 + i}"
-            rid = str(ids[i]) if ids[i] not in (None, "") else hash_id(src)
-            entries.append(Entry(rid, src, ("pq", uri, rg, i)))
+                rid = str(ids[i]) if ids[i] not in (None, "") else hash_id(src)
+            entries.append(Entry(rid, src, ("pq", uri, rg, i), urls[i]))
         row0 += n
     return entries, problems
 
@@ -328,7 +419,7 @@ def make_units(entries: Sequence[Entry], rows_per_unit: int) -> list[str]:
 
 def read_unit(unit: str) -> list[RawRow]:
     """Fetch the bytes of one unit's rows; per-row read failures become problems."""
-    rows = [Entry(r[0], r[1], tuple(r[2])) for r in json.loads(unit)]
+    rows = [Entry(r[0], r[1], tuple(r[2]), r[3]) for r in json.loads(unit)]
     if not rows:
         return []
     kind = rows[0].loc[0]
@@ -378,7 +469,7 @@ def _read_files(rows: list[Entry]) -> list[RawRow]:
             name = posixpath.splitext(posixpath.basename(e.source))[0] + ".txt"
             out.append(_missing_caption(e, f"missing caption file {name} beside the image"))
         else:
-            out.append(RawRow(e.id, e.source, img, cap))
+            out.append(RawRow(e.id, e.source, img, cap, url=e.url))
     return out
 
 
@@ -405,7 +496,7 @@ def _read_tar(rows: list[Entry]) -> list[RawRow]:
             continue
         img = blob[off - start : off - start + size]
         cap = blob[coff - start : coff - start + csize]
-        out.append(RawRow(e.id, e.source, img, cap))
+        out.append(RawRow(e.id, e.source, img, cap, url=e.url))
     return out
 
 
@@ -430,5 +521,5 @@ def _read_parquet(rows: list[Entry]) -> list[RawRow]:
         if isinstance(img, Exception):
             out.append(_read_problem(e, img, "image"))
         else:
-            out.append(RawRow(e.id, e.source, img if img is not None else b"", cap))
+            out.append(RawRow(e.id, e.source, img if img is not None else b"", cap, url=e.url))
     return out

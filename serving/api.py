@@ -1,4 +1,4 @@
-"""The HTTP API (DESIGN.md, "Serving"): FastAPI routes, request/response models, errors.
+"""The HTTP API (serving/README.md): FastAPI routes, request/response models, errors.
 
 Only HTTP lives here; the work is done by a ``Service`` (the Serve ingress in
 ``serving.ingress``). Request models are built from the configured ``Limits`` so the
@@ -191,12 +191,12 @@ def make_api(
 
     @app.post("/v1/variations", responses=ERRORS)
     async def variations(req: VariationsRequest) -> GenerateResponse:  # type: ignore[valid-type]
-        """Variations of an image that keep its semantics and style (PAPER.md §3)."""
+        """Variations of an image that keep its semantics and style (docs/method.md)."""
         return await service.variations(req)
 
     @app.post("/v1/interpolate", responses=ERRORS)
     async def interpolate(req: InterpolateRequest) -> GenerateResponse:  # type: ignore[valid-type]
-        """Interpolate between two images through their bipartite latents (PAPER.md §3)."""
+        """Interpolate between two images through their bipartite latents (docs/method.md)."""
         return await service.interpolate(req)
 
     @app.post("/v1/text-diff", responses=ERRORS)

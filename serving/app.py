@@ -1,4 +1,4 @@
-"""The Serve application: every deployment bound in one place (STYLE.md rule 10).
+"""The Serve application: every deployment bound in one place (docs/architecture.md).
 
 ``import_path: serving.app:build_app`` in ``serving/config.yaml``; the application args are
 ``AppArgs`` (``bundle`` is required). ``serve deploy serving/config.yaml`` and

@@ -21,6 +21,7 @@ import yaml
 
 from serving.app import API_KEY_ENV, upsampler_names
 from unclip.checkpoint import read_bundle_spec
+from unclip.errors import UserError
 
 CONFIG_PATH = Path(__file__).parent / "config.yaml"
 APP_NAME = "unclip"
@@ -28,8 +29,6 @@ INGRESS = "Ingress"
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    from unclip.cli import UserError
-
     p = Path(path) if path else CONFIG_PATH
     try:
         data = yaml.safe_load(p.read_text())
@@ -58,8 +57,6 @@ def serve_config(
     each model deployment without ``num_gpus`` an equal share of one GPU.
     """
     from ray.serve.schema import ServeDeploySchema
-
-    from unclip.cli import UserError
 
     cfg = copy.deepcopy(config)
     apps = [a for a in cfg["applications"] if a.get("name") == APP_NAME]
@@ -114,8 +111,6 @@ def deploy(schema: Any, timeout_s: float = 600.0, progress: bool = False) -> Non
 
 def wait_running(names: list[str], timeout_s: float, progress: bool = False) -> None:
     from ray import serve
-
-    from unclip.cli import UserError
 
     deadline = time.monotonic() + timeout_s
     last = ""

@@ -45,6 +45,7 @@ def test_help_lists_every_design_subcommand() -> None:
     assert set(COMMANDS) == {
         "shapes",
         "embed",
+        "import-embeddings",
         "train",
         "bundle",
         "generate",

@@ -27,8 +27,8 @@ from tests.test_embed_inputs import (
 )
 from tests.tiny import TINY_CLIP_CFG, save_tiny_clip
 from unclip import fs
-from unclip.cli import UserError
 from unclip.clip import save_clip_checkpoint
+from unclip.errors import UserError
 from unclip.schema import (
     META_DIM,
     META_FINGERPRINT,
@@ -87,7 +87,8 @@ def check_files(uri: str, dim: int, fingerprint: str) -> None:
         assert schema.field("text_emb").type == pa.list_(pa.float32(), dim)
         assert schema.field("image_emb").type == pa.list_(pa.float32(), dim)
         assert schema.field("text_tokens").type == pa.list_(pa.int32())
-        assert schema.remove_metadata().equals(table_schema(dim).remove_metadata())
+        want = table_schema(dim, with_source_meta=True)  # url, width, height on new tables
+        assert schema.remove_metadata().equals(want.remove_metadata())
 
 
 def files_of(uri: str) -> set[str]:
@@ -187,7 +188,9 @@ def test_webdataset_shards_and_parquet_inputs(tmp_path, ray_session) -> None:
             ("000000103", b"\xff\xd8 not a jpeg", "broken", None),
         ],
     )
-    pq.write_table(pa.table({"key": ["x"], "status": ["success"]}), shards / "00000.parquet")
+    # img2dataset's status table beside the shard: every key it lists is in the shard
+    status = pa.table({"key": [f"k{i}" for i in range(6)], "status": ["success"] * 6})
+    pq.write_table(status, shards / "00000.parquet")
     out = str(tmp_path / "out_tar")
     s = run_embed(opts(str(shards), out, str(tmp_path / "clip"), max_error_fraction=0.5))
     assert set(read_rows(out)) == {f"k{i}" for i in range(6)} | {"k7"}

@@ -31,9 +31,9 @@ from serving.limits import Limits
 from tests.conftest import free_port
 from tests.tiny import make_tiny_bundle, save_tiny_clip, tiny_configs
 from unclip.checkpoint import make_bundle, save_stage
-from unclip.cli import UserError
 from unclip.conditioning import TextCond
 from unclip.config import ConfigError, SamplingSettings
+from unclip.errors import UserError
 from unclip.models import build_model
 
 

@@ -355,7 +355,7 @@ def test_cli_trains_the_prior_into_the_design_checkpoint(data, ray_session, tmp_
     assert main([*args, "--workers", "0"]) == 0
     assert "final checkpoint (step 8) written to" in capsys.readouterr().out
 
-    # the DESIGN.md stage checkpoint: config + EMA safetensors + resumable train state
+    # the stage checkpoint of docs/formats.md: config + EMA safetensors + resumable train state
     config = load_stage_config(out)
     assert config.clip == table_clip(read_table_info(data["table"]))
     assert config.net.embed_dim == 32 and config.net.width == 32  # table dims, file sizes

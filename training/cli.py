@@ -165,7 +165,8 @@ def bind_to_table(cfg: StageConfig, info: TableInfo, explicit: set[str] | None) 
     if "image" in stage_for(cfg).columns().columns and not info.has_image:
         raise DataError(
             f"the table has no image column; the {cfg.stage} trains on images, so embed the "
-            "data with an image column (`unclip embed --image-size N`)"
+            "images themselves with an image column (`unclip embed --image-size N`); a table "
+            "of precomputed embeddings (`unclip import-embeddings`) can train the prior only"
         )
     return cfg
 

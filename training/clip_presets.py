@@ -148,7 +148,7 @@ class ClipTrainConfig:
 
 
 # Sized for a quiet 2-core CPU, 1 worker x 2 threads: the default resnet tower (width 16)
-# takes ~1.3x the 0.7 s per batch of 128 of DESIGN.md's plain ViT (bench/bench_clip.py
+# takes ~1.3x the 0.7 s per batch of 128 of a plain small ViT (docs/benchmarks.md, "Sizing the CPU presets") (bench/bench_clip.py
 # --timing, steps interleaved), so ~0.9 s. Reading 20k images, starting the worker and
 # evaluating take ~1 minute besides. The time limits keep the
 # budgets on a slower or busier machine (fewer steps, a final checkpoint all the same).

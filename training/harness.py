@@ -9,7 +9,7 @@ wraps the model in DDP (``prepare_model``) and steps through its shard of the ta
     weights, autocast (bf16/fp16) on GPU only, a NaN/inf guard before every update.
 
 Every ``checkpoint_every`` steps (and at the end) rank 0 writes a stage checkpoint in the
-DESIGN.md format, which Ray Train persists to the run's storage:
+format of docs/formats.md, which Ray Train persists to the run's storage:
 
     config.json          the stage config (rebuilds the model)
     train_config.json    the run options (TrainConfig)
@@ -226,7 +226,7 @@ def _seed(seed: int, rank: int, step: int) -> int:
 
 
 def write_checkpoint(directory: str, cfg: StageConfig, run: TrainConfig, state: TrainState) -> None:
-    """A stage checkpoint (DESIGN.md format) + ``train_config.json`` in ``directory``."""
+    """A stage checkpoint (docs/formats.md) + ``train_config.json`` in ``directory``."""
     fs.write_text(fs.join(directory, TRAIN_CONFIG), json.dumps(train_config_to_dict(run), indent=2))
     save_stage(directory, cfg, state.ema.state_dict(), state.to_dict(run.seed))
 

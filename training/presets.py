@@ -15,7 +15,7 @@ under ``train``; unknown keys are errors that name the key::
     net: {base_channels: 48}
     train: {steps: 3000, batch_size: 32, checkpoint_every: 500}
 
-Sizes and steps of the CPU presets come from DESIGN.md "Compute budget on a 2-core CPU";
+Sizes and steps of the CPU presets come from measurements (docs/benchmarks.md);
 each preset states its expected time (measured with 1 worker, 2 threads, unloaded) and a
 ``time_limit_minutes`` after which the run stops early with a final checkpoint, so the demo
 keeps its time budget on a slower machine.

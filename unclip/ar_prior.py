@@ -1,4 +1,4 @@
-"""The autoregressive prior (PAPER.md, "Priors"), for the paper's prior ablation.
+"""The autoregressive prior (docs/method.md, "Autoregressive prior"), for the paper's prior ablation.
 
 The CLIP image embedding z_i is reduced with PCA to ``pca_dims`` components, each quantised
 into ``bins`` uniform buckets, and predicted token by token by a causal Transformer whose

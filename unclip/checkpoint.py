@@ -1,4 +1,4 @@
-"""Stage checkpoints and bundles (DESIGN.md, "Checkpoints and bundles").
+"""Stage checkpoints and bundles (docs/formats.md, "Stage checkpoint", "Bundle").
 
 A stage checkpoint is a directory (local or ``s3://``):
     config.json        the frozen stage config: enough to rebuild the model, no flags

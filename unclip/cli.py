@@ -1,4 +1,4 @@
-"""The ``unclip`` command line (DESIGN.md, "CLI").
+"""The ``unclip`` command line (README.md, "CLI"; docs/architecture.md for the layers).
 
 Each subcommand is parsed here and run by a ``run(args)`` function in its layer, imported
 lazily (so ``unclip --help`` is fast and the core never imports Ray). Errors a user can
@@ -40,6 +40,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 COMMANDS: dict[str, str] = {
     "shapes": "pipelines.shapes:run",
     "embed": "pipelines.embed:run",
+    "import-embeddings": "pipelines.import_embeddings:run",
     "train": "training.cli:run",
     "bundle": "unclip.commands:bundle",
     "generate": "unclip.commands:generate",
@@ -102,6 +103,29 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.1,
         help="fail the job if more than this fraction of rows is bad",
+    )
+
+    i = sub.add_parser(
+        "import-embeddings",
+        help="precomputed CLIP embeddings (clip-retrieval) -> embedding table without images",
+    )
+    i.add_argument("--format", choices=["clip-retrieval"], default="clip-retrieval")
+    i.add_argument(
+        "--input",
+        required=True,
+        help="folder with img_emb/, text_emb/, metadata/ (local or s3://)",
+    )
+    i.add_argument("--output", required=True, help="embedding table folder (local or s3://)")
+    i.add_argument(
+        "--clip",
+        required=True,
+        help="the CLIP that made the embeddings: open_clip name or CLIP checkpoint URI",
+    )
+    i.add_argument("--pretrained", default="", help="its open_clip pretrained tag (recorded)")
+    i.add_argument(
+        "--renormalize",
+        action="store_true",
+        help="L2-normalise embeddings whose norms are not 1 (else they are refused)",
     )
 
     t = sub.add_parser("train", help="train a stage with Ray Train")
@@ -207,8 +231,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # main() of the imported module, so that the UserError the layers raise (they import
-    # unclip.cli) is the class it catches, also under `python -m unclip.cli`
-    from unclip.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -8,6 +8,7 @@ Embeddings are always L2-normalised. ``identity`` is what goes into the Parquet 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from typing import Any
@@ -24,11 +25,12 @@ from unclip.clip_identity import (
     ClipIdentity,
     ClipLoadError,
     checkpoint_identity,
+    config_identity,
     looks_like_checkpoint,
     read_checkpoint,
 )
 
-__all__ = ["Clip", "ClipIdentity", "ClipLoadError", "save_clip_checkpoint"]
+__all__ = ["Clip", "ClipIdentity", "ClipLoadError", "identity_of", "save_clip_checkpoint"]
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -59,12 +61,7 @@ class Clip:
             return cls.from_checkpoint(model, device)
         import open_clip
 
-        if model not in open_clip.list_models():
-            raise ClipLoadError(
-                f"CLIP {model!r} is neither an open_clip model name nor a CLIP checkpoint "
-                "directory (config.json + model.safetensors); see open_clip.list_models() "
-                "or train one with `unclip train clip`"
-            )
+        _check_name(model)
         if not pretrained:
             warnings.warn(
                 f"CLIP {model!r} without a pretrained tag is randomly initialised (testing only)",
@@ -88,7 +85,7 @@ class Clip:
             context_length=int(getattr(tokenizer, "context_length", 77)),
             text_width=_text_width(net),
             image_size=_image_size(net),
-            fingerprint=f"{model}/{pretrained or 'random'}",
+            fingerprint=_name_fingerprint(model, pretrained),
         )
         return cls(net, tokenizer, identity, mean, std)
 
@@ -197,6 +194,51 @@ class Clip:
     def encode_images(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) images in [-1, 1] -> (B, D) embeddings (preprocess + encode)."""
         return self.encode_image(self.preprocess_tensor(images))
+
+
+def identity_of(model: str, pretrained: str = "") -> ClipIdentity:
+    """The identity ``Clip.load(model, pretrained)`` reports, without loading weights.
+
+    A checkpoint's is read from its files; a plain open_clip model name's from open_clip's
+    model config (so naming ``ViT-L-14`` / ``openai`` needs neither the weights nor the
+    network); other open_clip models (custom or Hugging Face text towers) are built randomly
+    initialised to read it.
+    """
+    if looks_like_checkpoint(model):
+        return checkpoint_identity(model, *read_checkpoint(model))
+    import open_clip
+
+    _check_name(model)
+    cfg = open_clip.get_model_config(model)
+    text = (cfg or {}).get("text_cfg", {})
+    fingerprint = _name_fingerprint(model, pretrained)
+    if (
+        not cfg
+        or "custom_text" in cfg
+        or text.get("hf_model_name")
+        or text.get("hf_tokenizer_name")
+    ):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # randomly initialised on purpose
+            built = Clip.load(model, "").identity
+        return dataclasses.replace(built, pretrained=pretrained, fingerprint=fingerprint)
+    context = int(getattr(open_clip.get_tokenizer(model), "context_length", 77))
+    return config_identity(cfg, model, pretrained, fingerprint, context)
+
+
+def _check_name(model: str) -> None:
+    import open_clip
+
+    if model not in open_clip.list_models():
+        raise ClipLoadError(
+            f"CLIP {model!r} is neither an open_clip model name nor a CLIP checkpoint "
+            "directory (config.json + model.safetensors); see open_clip.list_models() "
+            "or train one with `unclip train clip`"
+        )
+
+
+def _name_fingerprint(model: str, pretrained: str) -> str:
+    return f"{model}/{pretrained or 'random'}"
 
 
 def save_clip_checkpoint(

@@ -4,7 +4,10 @@ A CLIP checkpoint directory (``save_clip_checkpoint``) is ``config.json`` (the o
 model config) + ``model.safetensors``; its identity is derived from the config and a hash
 of the weights, so a driver can check a table against ``--clip`` and write the schema
 without importing torch or open_clip (about 4 s of a job's start on a small CPU).
-``unclip.clip.Clip.from_checkpoint`` builds the model and uses the same identity.
+``unclip.clip.Clip.from_checkpoint`` builds the model and uses the same identity. This module
+imports nothing of ``unclip.clip`` (which imports it): the identity of an open_clip *name*
+needs open_clip, so ``unclip.clip`` provides it (``Clip.load(...).identity``,
+``identity_from_config``).
 """
 
 from __future__ import annotations
@@ -70,26 +73,31 @@ def checkpoint_identity(uri: str, cfg: dict[str, Any], blob: bytes) -> ClipIdent
     """The identity of a checkpoint from its config and weights (what the model reports:
     tested against the built model for ViT and ResNet towers)."""
     model_cfg = cfg["model_cfg"]
+    fingerprint = "sha256:" + hashlib.sha256(blob).hexdigest()[:16]
+    context = int(model_cfg["text_cfg"]["context_length"])
+    return config_identity(model_cfg, uri, "", fingerprint, context)
+
+
+def config_identity(
+    model_cfg: dict[str, Any], model: str, pretrained: str, fingerprint: str, context_length: int
+) -> ClipIdentity:
+    """The identity of a plain open_clip ``CLIP`` built from ``model_cfg`` (its
+    ``embed_dim``, ``text_cfg`` and ``vision_cfg``), without building it."""
     text, vision = model_cfg["text_cfg"], model_cfg.get("vision_cfg", {})
     # an open_clip text tower has a final LayerNorm of its width; a Hugging Face one has none
     text_width = 0 if text.get("hf_model_name") else int(text.get("width", DEFAULT_TEXT_WIDTH))
     size = vision.get("image_size", DEFAULT_IMAGE_SIZE)
     return ClipIdentity(
-        model=uri,
-        pretrained="",
+        model=model,
+        pretrained=pretrained,
         embed_dim=int(model_cfg["embed_dim"]),
-        context_length=int(text["context_length"]),
+        context_length=context_length,
         text_width=text_width,
         image_size=int(size[0] if isinstance(size, list | tuple) else size),
-        fingerprint="sha256:" + hashlib.sha256(blob).hexdigest()[:16],
+        fingerprint=fingerprint,
     )
 
 
-def load_identity(model: str, pretrained: str = "") -> ClipIdentity:
-    """A CLIP's identity: read from a checkpoint without torch, else by loading the model
-    (open_clip names need open_clip's registry)."""
-    if looks_like_checkpoint(model):
-        return checkpoint_identity(model, *read_checkpoint(model))
-    from unclip.clip import Clip
-
-    return Clip.load(model, pretrained).identity
+def read_identity(uri: str) -> ClipIdentity:
+    """The identity of the CLIP checkpoint at ``uri`` (no torch)."""
+    return checkpoint_identity(uri, *read_checkpoint(uri))

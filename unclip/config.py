@@ -1,7 +1,7 @@
 """Frozen dataclass configs for every stage, with strict JSON round-tripping.
 
 A stage config is saved as ``config.json`` beside every checkpoint and is sufficient to
-rebuild the model with no flags (STYLE.md rule 5). Unknown keys and wrong types raise a
+rebuild the model with no flags (docs/architecture.md, "Conventions"). Unknown keys and wrong types raise a
 ``ConfigError`` that names the field and what was expected.
 """
 
@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    """Raise ``ConfigError`` unless ``value`` is one of ``choices`` (STYLE.md rule 4)."""
+    """Raise ``ConfigError`` unless ``value`` is one of ``choices`` (docs/architecture.md, "Conventions")."""
     if value not in choices:
         raise ConfigError(f"unknown {name} {value!r}; valid choices: {', '.join(choices)}")
     return value
@@ -61,7 +61,7 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class PriorNetConfig:
-    """Decoder-only causal Transformer prior (PAPER.md, "Priors")."""
+    """Decoder-only causal Transformer prior (docs/method.md, "Diffusion prior")."""
 
     embed_dim: int = 128  # CLIP embedding size D
     text_width: int = 0  # width of CLIP per-token text states; 0 = no encoded-text tokens
@@ -162,7 +162,7 @@ class PriorConfig:
 
 @dataclass(frozen=True)
 class ARPriorNetConfig:
-    """Autoregressive prior (PAPER.md, "Priors"): PCA-reduced, quantised image embeddings
+    """Autoregressive prior (docs/method.md, "Autoregressive prior"): PCA-reduced, quantised image embeddings
     predicted token by token by a causal Transformer conditioned on the text."""
 
     embed_dim: int = 128

@@ -1,8 +1,8 @@
 """The decoder stage: CLIP image embedding (+ optional text) -> base-resolution image.
 
 Classifier-free guidance: the CLIP embedding is replaced by a learned null ``clip_drop_prob``
-of the time and the text ``text_drop_prob`` of the time (PAPER.md: 10% / 50%). DDIM
-inversion maps an image to the decoder latent x_T (the bipartite latent of PAPER.md §3).
+of the time and the text ``text_drop_prob`` of the time (the paper's 10% / 50%; docs/method.md). DDIM
+inversion maps an image to the decoder latent x_T (the bipartite latent, docs/method.md "Manipulations").
 """
 
 from __future__ import annotations

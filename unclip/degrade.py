@@ -1,6 +1,6 @@
 """Low-resolution conditioning and its train-time corruption for the upsamplers.
 
-PAPER.md: the first upsampler sees Gaussian-blurred conditioning (kernel 3, sigma 0.6), the
+The paper (docs/method.md): the first upsampler sees Gaussian-blurred conditioning (kernel 3, sigma 0.6), the
 second a BSR-style degradation (Zhang et al. 2021: random blur, resize, noise, JPEG). Both
 make the upsampler robust to the artifacts of the stage below it. Images are in [-1, 1].
 """

@@ -398,7 +398,7 @@ class GaussianDiffusion:
         """DDIM inversion (eta = 0): data x_0 -> latent x_T that DDIM sampling maps back.
 
         Runs the deterministic DDIM ODE forwards in time (variations, interpolation and text
-        diffs, PAPER.md section 3); x0 is never clamped here, so sample back with
+        diffs, docs/method.md); x0 is never clamped here, so sample back with
         ``clip_denoised=False`` for a faithful round trip. The plain update evaluates eps one
         step behind (x still at step i-1); ``fixed_point_iters`` > 0 re-evaluates eps at the
         new point, solving the implicit DDIM step so that sampling inverts it exactly.

@@ -1,4 +1,4 @@
-"""Image manipulations with the bipartite latent (z_i, x_T) (PAPER.md section 3).
+"""Image manipulations with the bipartite latent (z_i, x_T) (docs/method.md, "Manipulations").
 
 Any image x maps to (z_i, x_T): z_i from the CLIP image encoder, x_T by DDIM inversion of
 the decoder conditioned on z_i. Then:
@@ -144,7 +144,7 @@ def text_diff(
     seed: int = 0,
 ) -> Generation:
     """Edit an image towards ``to_text``: decode slerp(z_i, z_d, theta), z_d the normalised
-    difference of the two captions' CLIP text embeddings, x_T fixed (PAPER.md §3)."""
+    difference of the two captions' CLIP text embeddings, x_T fixed (docs/method.md)."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     _, z_i, x_T = bipartite_latent(pipe, image)

@@ -1,4 +1,4 @@
-"""The one factory from a stage config to its model (STYLE.md rule 6)."""
+"""The one factory from a stage config to its model (docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -148,7 +148,7 @@ def invert_decoder(
     decoder: Decoder, images: Tensor, image_emb: Tensor, s: SamplingSettings
 ) -> Tensor:
     """DDIM inversion (images (B, 3, S, S) + their CLIP embeddings (B, D)) -> x_T (B, 3, S, S)
-    such that decoding (image_emb, x_T) with eta 0 gives the images back (PAPER.md §3)."""
+    such that decoding (image_emb, x_T) with eta 0 gives the images back (docs/method.md)."""
     dev = prior_device(decoder)
     return decoder.invert(
         images.to(dev),
@@ -305,7 +305,7 @@ class UnclipPipeline:
         seed: int = 0,
         settings: SamplingSettings | None = None,
     ) -> Generation:
-        """Image variations (PAPER.md §3): encode with CLIP, DDIM-invert the decoder to get
+        """Image variations (docs/method.md): encode with CLIP, DDIM-invert the decoder to get
         x_T, then decode (z_i, x_T) with DDIM ``eta`` > 0; upsample as usual."""
         s = replace(settings or self.settings, decoder_eta=eta)
         seeds = image_seeds(seed, num_images)

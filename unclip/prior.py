@@ -1,6 +1,6 @@
 """The diffusion prior stage: caption (CLIP text) -> CLIP image embedding.
 
-Trained with MSE on the clean (scaled) image embedding (x0 prediction, PAPER.md), text
+Trained with MSE on the clean (scaled) image embedding (x0 prediction, docs/method.md), text
 conditioning dropped ``text_drop_prob`` of the time for classifier-free guidance. Sampling
 draws ``candidates`` embeddings per caption and keeps the one with the highest dot product
 with the text embedding.

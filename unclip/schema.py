@@ -1,9 +1,10 @@
-"""The embedding table: Parquet schema version 1 (DESIGN.md, "Embedding table").
+"""The embedding table: Parquet schema version 1 (docs/formats.md, "Embedding table").
 
 A table is a folder (local or ``s3://``) of Parquet files, one row per (image, caption):
-id, caption, source, image (optional), text_emb, image_emb, text_tokens; every file carries
-the ``unclip.*`` key-value metadata below. Rows that could not be processed go to the
-sibling errors table ``<table>_errors`` (id, source, stage, error).
+id, caption, source, image (optional), text_emb, image_emb, text_tokens, and optionally the
+source metadata url, width, height; every file carries the ``unclip.*`` key-value metadata
+below. Rows that could not be processed go to the sibling errors table ``<table>_errors``
+(id, source, stage, error).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ META_CONTEXT = b"unclip.clip_context_length"
 META_TEXT_WIDTH = b"unclip.clip_text_width"
 
 ERRORS_SUFFIX = "_errors"
-ERROR_STAGES = ("read", "decode", "caption", "embed")
+# download: the tool that fetched the image (img2dataset) reported a failure
+ERROR_STAGES = ("download", "read", "decode", "caption", "embed")
+SOURCE_META_COLUMNS = ("url", "width", "height")
 
 
 class DataError(ValueError):
@@ -37,9 +40,15 @@ class DataError(ValueError):
 
 
 def table_schema(
-    dim: int, identity: ClipIdentity | None = None, with_image: bool = True
+    dim: int,
+    identity: ClipIdentity | None = None,
+    with_image: bool = True,
+    with_source_meta: bool = False,
 ) -> pa.Schema:
-    """Arrow schema of version 1 for embeddings of size ``dim`` (with metadata if given)."""
+    """Arrow schema of version 1 for embeddings of size ``dim`` (with metadata if given).
+
+    ``with_source_meta`` adds the optional nullable columns ``url`` (where the image was
+    fetched from, if the input says), ``width`` and ``height`` (the image as stored)."""
     fields = [
         pa.field("id", pa.string(), nullable=False),
         pa.field("caption", pa.string()),
@@ -52,6 +61,12 @@ def table_schema(
         pa.field("image_emb", pa.list_(pa.float32(), dim)),
         pa.field("text_tokens", pa.list_(pa.int32())),
     ]
+    if with_source_meta:
+        fields += [
+            pa.field("url", pa.string()),
+            pa.field("width", pa.int32()),
+            pa.field("height", pa.int32()),
+        ]
     return pa.schema(fields, metadata=metadata(identity) if identity else None)
 
 
@@ -95,6 +110,7 @@ class TableInfo:
     files: tuple[str, ...]  # URIs of the data files
     num_rows: int
     has_image: bool
+    has_source_meta: bool = False  # the optional url / width / height columns
 
 
 def parquet_files(uri: str) -> list[str]:
@@ -116,7 +132,7 @@ def read_table_info(uri: str) -> TableInfo:
         )
     infos = []
     rows = 0
-    has_image = True
+    has_image = has_meta = True
     for f in files:
         pafs, path = fs.pyarrow_fs(f)
         meta = pq.read_metadata(path, filesystem=pafs)
@@ -135,12 +151,14 @@ def read_table_info(uri: str) -> TableInfo:
             )
         )
         rows += meta.num_rows
-        has_image = has_image and "image" in meta.schema.to_arrow_schema().names
+        names = meta.schema.to_arrow_schema().names
+        has_image = has_image and "image" in names
+        has_meta = has_meta and all(c in names for c in SOURCE_META_COLUMNS)
     if len(set(infos)) > 1:
         raise DataError(f"table {uri!r} mixes embeddings of different CLIPs: {sorted(set(infos))}")
     model, pretrained, dim, fingerprint = infos[0]
     return TableInfo(
-        SCHEMA_VERSION, model, pretrained, dim, fingerprint, tuple(files), rows, has_image
+        SCHEMA_VERSION, model, pretrained, dim, fingerprint, tuple(files), rows, has_image, has_meta
     )
 
 

@@ -2,7 +2,7 @@
 
 The network sees x_t concatenated with the bicubically upsampled low-res image. At train
 time the low-res image is made from the target and corrupted (``degradation``); optionally
-on random crops (PAPER.md: 1/4 of the target size), which the fully convolutional UNet
+on random crops (the paper: 1/4 of the target size; docs/method.md), which the fully convolutional UNet
 (no attention) allows. No text, no guidance. With ``residual`` (the default) the diffusion runs on the residual
 ``image - bicubic(low_res)``: the network only has to add the detail bicubic lacks, and an
 undertrained one degrades to bicubic rather than to noise (measured on shapes: see

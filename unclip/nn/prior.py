@@ -1,4 +1,4 @@
-"""The diffusion prior's network: a decoder-only causal Transformer (PAPER.md, "Priors").
+"""The diffusion prior's network: a decoder-only causal Transformer (docs/method.md, "Diffusion prior").
 
 Sequence, in order: [encoded text tokens (optional), CLIP text embedding, timestep
 embedding, noised CLIP image embedding, learned query]. The output at the query predicts the

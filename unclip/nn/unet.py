@@ -1,4 +1,4 @@
-"""The decoder / upsampler UNet (a small ADM / GLIDE UNet, PAPER.md "Decoder").
+"""The decoder / upsampler UNet (a small ADM / GLIDE UNet, docs/method.md "Decoder").
 
 Conditioning of the decoder: the CLIP image embedding is projected and added to the
 timestep embedding, and projected into ``clip_tokens`` extra context tokens; optional CLIP
