@@ -10,10 +10,10 @@ OpenAPI schema at ``/openapi.json`` shows the real bounds. Every error is JSON
     503 a stage is unavailable (retry)         504 a stage took longer than ``stage_timeout_s``
 
 With an API key, every route needs ``Authorization: Bearer <key>`` except the open ones
-(``OPEN_PATHS``: the page, health for probes, and the API docs).
+(``serving.guards.OPEN_PATHS``: the page, health for probes, and the API docs). The key and
+the body size are checked by ``serving.guards.Guard`` before any parsing.
 """
 
-import hmac
 import logging
 from pathlib import Path
 from typing import Annotated, Any, Protocol
@@ -23,13 +23,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from serving.guards import Guard
 from serving.images import RequestError
 from serving.limits import Limits
 
 logger = logging.getLogger("ray.serve")
 
 MAX_SEED = 2**32 - 1
-OPEN_PATHS = frozenset({"/", "/v1/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
 PAGE = Path(__file__).parent / "static" / "index.html"
 
 
@@ -182,7 +182,11 @@ def make_api(
         + (" Send `Authorization: Bearer <key>`." if api_key else ""),
     )
     _add_error_handlers(app)
-    _add_guards(app, limits, api_key)
+    app.add_middleware(
+        Guard,  # type: ignore[arg-type]
+        max_body_bytes=limits.max_body_bytes,
+        api_keys=[api_key] if api_key else [],
+    )
 
     @app.post("/v1/generate", responses=ERRORS)
     async def generate(req: GenerateRequest) -> GenerateResponse:  # type: ignore[valid-type]
@@ -230,7 +234,7 @@ def _json(obj: Any) -> str:
     return json.dumps(obj).replace("<", "\\u003c")
 
 
-# ---------------------------------------------------------------------- errors and guards
+# ---------------------------------------------------------------------- errors
 def _field(loc: tuple[Any, ...]) -> str:
     """("body", "num_images") -> "num_images"; ("body",) -> "body"."""
     parts = [str(p) for p in loc]
@@ -267,45 +271,3 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def stage_error(_: Request, exc: StageError) -> JSONResponse:
         headers = {"Retry-After": "1"} if exc.status == 503 else None
         return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
-
-
-def _add_guards(app: FastAPI, limits: Limits, api_key: str | None) -> None:
-    """API key (401) and request body size (413) checks, before any parsing."""
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Any:
-        path = request.scope["path"]
-        root = request.scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :] or "/"
-        if api_key and path not in OPEN_PATHS and not _authorized(request, api_key):
-            return JSONResponse(
-                {
-                    "detail": "authorization: missing or wrong API key; send the header "
-                    "'Authorization: Bearer <key>'"
-                },
-                status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        length = request.headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                return JSONResponse(
-                    {"detail": f"content-length: not a number: {length!r}"}, status_code=400
-                )
-            if int(length) > limits.max_body_bytes:
-                return JSONResponse(
-                    {
-                        "detail": f"body: {length} bytes, over the limit of "
-                        f"{limits.max_body_bytes} bytes"
-                    },
-                    status_code=413,
-                )
-        return await call_next(request)
-
-
-def _authorized(request: Request, api_key: str) -> bool:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        token.strip().encode(), api_key.encode()
-    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import time
@@ -27,6 +28,7 @@ from schemathesis.checks import not_a_server_error
 from serving.cli import deploy as deploy_config
 from serving.cli import load_config, serve_config
 from tests.conftest import free_port
+from tests.http_raw import post_chunked
 from tests.serving_cdp import Browser, find_chromium
 from tests.tiny import make_tiny_bundle
 from unclip import manipulations
@@ -402,3 +404,14 @@ def test_killed_replica_is_restarted_and_no_request_hangs(served: Served) -> Non
         assert time.monotonic() < deadline, (pids, health)
         time.sleep(1)
     assert [_timed_post(served, b, 60)[0] for b in bodies[:4]] == [200] * 4
+
+
+def test_chunked_body_over_the_limit_is_refused_through_the_proxy(served: Served) -> None:
+    """The ingress counts what it reads and answers 413 past the limit; Serve's HTTP proxy
+    reads ahead of the replica (only what arrives before the answer), so the client is
+    stopped before the end of its 64 MiB, not at the limit exactly."""
+    status, body, sent = post_chunked(served.url, "/v1/variations", 64 << 20, {})
+    assert status == 413, body
+    assert json.loads(body)["detail"].startswith("body:")
+    assert sent < 64 << 20
+    assert requests.get(served.url + "/v1/health", timeout=30).status_code == 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import threading
 import time
@@ -29,6 +30,7 @@ from serving.images import RequestError, decode_image
 from serving.ingress import Ingress
 from serving.limits import Limits
 from tests.conftest import free_port
+from tests.http_raw import post_chunked
 from tests.tiny import make_tiny_bundle, save_tiny_clip, tiny_configs
 from unclip.checkpoint import make_bundle, save_stage
 from unclip.cli import UserError
@@ -259,3 +261,25 @@ def test_oversized_body_is_413_before_parsing(guarded_url: str) -> None:
     big = {"image": "A" * 100_000}
     r = requests.post(f"{guarded_url}/v1/variations", json=big, headers=ok, timeout=10)
     assert r.status_code == 413 and r.json()["detail"].startswith("body:")
+
+
+def test_chunked_body_is_counted_as_received_and_refused_past_the_limit(
+    guarded_url: str,
+) -> None:
+    ok = {"Authorization": "Bearer s3cret"}
+    limit = Limits(max_image_bytes=1000).max_body_bytes
+    status, body, sent = post_chunked(guarded_url, "/v1/variations", 64 << 20, ok)
+    assert status == 413, body
+    assert json.loads(body)["detail"].startswith("body:") and str(limit) in body
+    assert sent < 16 << 20  # answered long before the 64 MiB were sent
+    # a chunked body within the limit goes through to the route
+    r = requests.post(
+        f"{guarded_url}/v1/generate",
+        data=iter([b'{"prompt": "a circle",', b' "seed": 4}']),
+        headers={**ok, "Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert r.status_code == 200 and r.json()["seed"] == 4
+    # no key: 401 before any of the body is read
+    status, body, _ = post_chunked(guarded_url, "/v1/variations", 64 << 20, {})
+    assert status == 401, body

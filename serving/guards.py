@@ -1,0 +1,121 @@
+"""The checks in front of the API, as one ASGI middleware: API key (401), body size (413).
+
+The body is counted on the bytes actually received, not on ``Content-Length`` (a chunked
+upload has none): the request is answered 413 as soon as the limit is passed and the rest of
+the body is never read, so one client cannot make the ingress hold more than
+``max_body_bytes``. The body read so far is then handed to the app in one message.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from typing import Any
+
+from starlette.datastructures import Headers
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# routes that need no API key: the page, health for probes, the API docs
+OPEN_PATHS = frozenset({"/", "/v1/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+
+
+class Guard:
+    """ASGI middleware: ``app`` sees only authorised requests with a body within the limit."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, api_keys: Sequence[str] = ()) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.api_keys = tuple(k.encode() for k in api_keys)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        if self.api_keys and _path(scope) not in OPEN_PATHS and not self._authorized(headers):
+            detail = (
+                "authorization: missing or wrong API key; send the header "
+                "'Authorization: Bearer <key>'"
+            )
+            await send_json(send, 401, {"detail": detail}, {"WWW-Authenticate": "Bearer"})
+            return
+        length = headers.get("content-length")
+        if length is not None and not length.isdigit():
+            await send_json(send, 400, {"detail": f"content-length: not a number: {length!r}"})
+            return
+        if length is not None and int(length) > self.max_body_bytes:
+            await self._too_large(send, f"{length} bytes")
+            return
+        body = await self._read_body(receive)
+        if body is None:
+            await self._too_large(send, "more than that")
+            return
+        if isinstance(body, dict):  # the client went away before sending its body
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _read_body(self, receive: Receive) -> bytes | Message | None:
+        """The whole body; None as soon as it passes the limit; the disconnect message if
+        the client left."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return message
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _too_large(self, send: Send, what: str) -> None:
+        detail = f"body: {what}, over the limit of {self.max_body_bytes} bytes"
+        await send_json(send, 413, {"detail": detail}, {"Connection": "close"})
+
+    def _authorized(self, headers: Headers) -> bool:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        given = token.strip().encode()
+        # compare with every key (no early exit), so timing does not tell which one matched
+        matches = [hmac.compare_digest(given, key) for key in self.api_keys]
+        return scheme.lower() == "bearer" and any(matches)
+
+
+def _path(scope: Scope) -> str:
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    return path
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives the body read so far, then defers to the server's."""
+    done = False
+
+    async def replay() -> Message:
+        nonlocal done
+        if not done:
+            done = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def send_json(
+    send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> None:
+    """Send a whole JSON response from ASGI middleware."""
+    data = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})
