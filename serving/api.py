@@ -15,6 +15,7 @@ the body size are checked by ``serving.guards.Guard`` before any parsing.
 """
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Protocol
 
@@ -168,7 +169,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 def make_api(
     service: Service,
     limits: Limits,
-    api_key: str | None = None,
+    api_keys: Sequence[str] = (),
     page_config: dict[str, Any] | None = None,
 ) -> FastAPI:
     """The FastAPI app of the ingress: routes call ``service``; checks happen here."""
@@ -179,13 +180,13 @@ def make_api(
         title="unclip-ray",
         version="1",
         description="unCLIP text-to-image on Ray Serve. Images are base64 PNG."
-        + (" Send `Authorization: Bearer <key>`." if api_key else ""),
+        + (" Send `Authorization: Bearer <key>`." if api_keys else ""),
     )
     _add_error_handlers(app)
     app.add_middleware(
         Guard,  # type: ignore[arg-type]
         max_body_bytes=limits.max_body_bytes,
-        api_keys=[api_key] if api_key else [],
+        api_keys=api_keys,
     )
 
     @app.post("/v1/generate", responses=ERRORS)
@@ -218,7 +219,7 @@ def make_api(
         return body
 
     page = PAGE.read_text().replace(
-        "/*PAGE_CONFIG*/{}", _json({**(page_config or {}), "auth": bool(api_key)})
+        "/*PAGE_CONFIG*/{}", _json({**(page_config or {}), "auth": bool(api_keys)})
     )
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -1,5 +1,11 @@
 """The checks in front of the API, as one ASGI middleware: API key (401), body size (413).
 
+API keys (``read_api_keys``) come from the environment of the ingress replica, not from the
+Serve config (which the dashboard shows): ``UNCLIP_API_KEY`` (one key, or several separated
+by commas, for rotation) and the file named by ``UNCLIP_API_KEY_FILE`` (one key per line, e.g.
+a mounted Kubernetes Secret). Keys are stripped, so a key file's trailing newline is no part
+of the key.
+
 The body is counted on the bytes actually received, not on ``Content-Length`` (a chunked
 upload has none): the request is answered 413 as soon as the limit is passed and the rest of
 the body is never read, so one client cannot make the ingress hold more than
@@ -10,10 +16,15 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+import os
+import re
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from starlette.datastructures import Headers
+
+from unclip.config import ConfigError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -23,6 +34,37 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # routes that need no API key: the page, health for probes, the API docs
 OPEN_PATHS = frozenset({"/", "/v1/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+
+API_KEY_ENV = "UNCLIP_API_KEY"
+API_KEY_FILE_ENV = "UNCLIP_API_KEY_FILE"
+# set by `unclip serve` when it was given a key: the ingress then refuses to start without one
+API_KEY_REQUIRED_ENV = "UNCLIP_API_KEY_REQUIRED"
+
+
+def read_api_keys(
+    configured: str | None = None, env: Mapping[str, str] | None = None
+) -> tuple[str, ...]:
+    """The accepted API keys: ``configured`` (the application's ``args.api_key``), then
+    ``$UNCLIP_API_KEY`` (comma-separated), then the lines of ``$UNCLIP_API_KEY_FILE``; each
+    stripped of surrounding whitespace, empty ones dropped. Raises ``ConfigError`` if the key
+    file cannot be read, or if ``$UNCLIP_API_KEY_REQUIRED`` is set and no key was found."""
+    env = os.environ if env is None else env
+    texts = [configured or "", env.get(API_KEY_ENV, "")]
+    path = env.get(API_KEY_FILE_ENV, "").strip()
+    if path:
+        try:
+            texts.append(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(
+                f"{API_KEY_FILE_ENV}={path!r}: cannot read the API key file ({e.strerror})"
+            ) from None
+    keys = [k for text in texts for k in (p.strip() for p in re.split(r"[,\n]", text)) if k]
+    if not keys and env.get(API_KEY_REQUIRED_ENV):
+        raise ConfigError(
+            f"an API key is required here but none was found: set {API_KEY_ENV} or "
+            f"{API_KEY_FILE_ENV} in the environment of the Ray cluster"
+        )
+    return tuple(dict.fromkeys(keys))
 
 
 class Guard:

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from serving.api import MAX_SEED, GenerateResponse, StageError, make_api
 from serving.batching import DecodeJob, InvertJob, PriorJob, UpsampleJob
+from serving.guards import read_api_keys
 from serving.images import decode_image, encode_png_b64
 from serving.limits import Limits
 from unclip import fs, manipulations
@@ -75,7 +76,8 @@ class Ingress:
         self.decoder = decoder
         self.upsamplers = upsamplers
         self.limits = from_dict(Limits, limits)
-        self.api_key = api_key or None
+        # read here, in the replica: the keys stay out of the Serve config the dashboard shows
+        self.api_keys = read_api_keys(api_key)
         spec = read_bundle_spec(bundle)
         self.settings: SamplingSettings = spec.sampling
         decoder_cfg = load_stage_config(fs.join(bundle, spec.stages[1]))
@@ -85,7 +87,7 @@ class Ingress:
         return make_api(
             self,
             self.limits,
-            self.api_key,
+            self.api_keys,
             page_config={"limits": to_dict(self.limits), "defaults": to_dict(self.settings)},
         )
 

@@ -24,8 +24,9 @@ from ray.serve.schema import ServeDeploySchema
 from serving.api import GenerateResponse, RequestModels, make_api
 from serving.app import AppArgs, upsampler_names
 from serving.batching import DecodeJob, PriorJob, cat_text, run_grouped, split_rows
-from serving.cli import CONFIG_PATH, load_config, serve_config
+from serving.cli import CONFIG_PATH, check_exposure, load_config, serve_config
 from serving.deployments import Decoder, ImageEncoder, Prior, TextEncoder
+from serving.guards import read_api_keys
 from serving.images import RequestError, decode_image
 from serving.ingress import Ingress
 from serving.limits import Limits
@@ -80,10 +81,10 @@ def test_config_yaml_is_a_valid_serve_deploy_config() -> None:
 
 
 def test_serve_config_fills_in_the_bundle(bundle: str, tmp_path: Any) -> None:
-    schema = serve_config(load_config(), bundle, host="127.0.0.1", port=8123, api_key="k")
+    schema = serve_config(load_config(), bundle, host="127.0.0.1", port=8123, require_api_key=True)
     app = schema.applications[0]
     assert app.args["bundle"] == bundle and schema.http_options.port == 8123
-    assert app.runtime_env["env_vars"]["UNCLIP_API_KEY"] == "k"
+    assert app.runtime_env["env_vars"] == {"UNCLIP_API_KEY_REQUIRED": "1"}  # never the key
     assert "Upsampler1" in {d.name for d in app.deployments}
 
     # a bundle without upsamplers: the Upsampler1 entry goes; with GPUs, each model gets a share
@@ -226,7 +227,8 @@ class _EchoService:
 def guarded_url() -> Iterator[str]:
     import uvicorn
 
-    app = make_api(_EchoService(), Limits(max_image_bytes=1000), api_key="s3cret")
+    keys = read_api_keys(env={"UNCLIP_API_KEY": "s3cret, next-key\n"})
+    app = make_api(_EchoService(), Limits(max_image_bytes=1000), api_keys=keys)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -254,6 +256,35 @@ def test_api_key_is_required_except_on_open_paths(guarded_url: str) -> None:
         assert requests.get(guarded_url + path, timeout=10).status_code == 200, path
     r = requests.post(f"{guarded_url}/v1/variations", json={"image": "x"}, headers=ok, timeout=10)
     assert r.status_code == 422 and r.json()["detail"] == "image: never mind"
+    # a second key (rotation) is accepted too; a prefix or a padded key is not
+    for key, status in [("next-key", 200), ("next", 401), ("s3cret,next-key", 401)]:
+        auth = {"Authorization": f"Bearer {key}"}
+        r = requests.post(f"{guarded_url}/v1/generate", json=body, headers=auth, timeout=10)
+        assert r.status_code == status, key
+
+
+def test_api_keys_are_stripped_and_several_are_accepted(tmp_path: Any) -> None:
+    assert read_api_keys(env={}) == ()
+    assert read_api_keys(env={"UNCLIP_API_KEY": "let-me-in\n"}) == ("let-me-in",)
+    assert read_api_keys(env={"UNCLIP_API_KEY": " a, b ,,a"}) == ("a", "b")
+    secret = tmp_path / "api_key"
+    secret.write_text("old-key\nnew-key\n")  # a mounted Secret: one key per line
+    env = {"UNCLIP_API_KEY_FILE": str(secret)}
+    assert read_api_keys("from-args", env) == ("from-args", "old-key", "new-key")
+    with pytest.raises(ConfigError, match="UNCLIP_API_KEY_FILE.*cannot read"):
+        read_api_keys(env={"UNCLIP_API_KEY_FILE": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match="API key is required"):
+        read_api_keys(env={"UNCLIP_API_KEY_REQUIRED": "1", "UNCLIP_API_KEY": "\n"})
+
+
+def test_serving_beyond_loopback_needs_a_key_or_an_explicit_opt_out() -> None:
+    for host in ("127.0.0.1", "localhost", "::1"):
+        check_exposure(host, has_key=False, insecure_no_api_key=False)
+    for host in ("0.0.0.0", "::", "10.1.2.3", "serve.example.com"):
+        with pytest.raises(UserError, match="--insecure-no-api-key"):
+            check_exposure(host, has_key=False, insecure_no_api_key=False)
+        check_exposure(host, has_key=True, insecure_no_api_key=False)
+        check_exposure(host, has_key=False, insecure_no_api_key=True)
 
 
 def test_oversized_body_is_413_before_parsing(guarded_url: str) -> None:
