@@ -7,7 +7,8 @@ OpenAPI schema at ``/openapi.json`` shows the real bounds. Every error is JSON
 
     400 malformed JSON / bad Content-Length    401 missing or wrong API key
     413 body or image too large                422 a field is invalid (named in ``detail``)
-    503 a stage is unavailable (retry)         504 a stage took longer than ``stage_timeout_s``
+    500 a bug (logged; never plain text)       503 a stage is unavailable (retry)
+    504 a stage took longer than ``stage_timeout_s``
 
 With an API key, every route needs ``Authorization: Bearer <key>`` except the open ones
 (``serving.guards.OPEN_PATHS``: the page, health for probes, and the API docs). The key and
@@ -24,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from serving.guards import Guard
+from serving.guards import Guard, JsonErrors
 from serving.images import RequestError
 from serving.limits import Limits
 
@@ -162,7 +163,7 @@ class Service(Protocol):
 
 # ---------------------------------------------------------------------- app
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 500, 503, 504)
 }
 
 
@@ -188,6 +189,7 @@ def make_api(
         max_body_bytes=limits.max_body_bytes,
         api_keys=api_keys,
     )
+    app.add_middleware(JsonErrors)  # type: ignore[arg-type]  # outermost: covers the guard too
 
     @app.post("/v1/generate", responses=ERRORS)
     async def generate(req: GenerateRequest) -> GenerateResponse:  # type: ignore[valid-type]

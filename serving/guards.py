@@ -1,4 +1,6 @@
-"""The checks in front of the API, as one ASGI middleware: API key (401), body size (413).
+"""ASGI middleware in front of the API: ``Guard`` checks the API key (401) and the body size
+(413) before any parsing; ``JsonErrors`` turns any unhandled exception into a JSON 500, so no
+answer is ever Starlette's plain-text "Internal Server Error".
 
 API keys (``read_api_keys``) come from the environment of the ingress replica, not from the
 Serve config (which the dashboard shows): ``UNCLIP_API_KEY`` (one key, or several separated
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
@@ -25,6 +28,8 @@ from typing import Any
 from starlette.datastructures import Headers
 
 from unclip.config import ConfigError
+
+logger = logging.getLogger("ray.serve")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -129,6 +134,34 @@ class Guard:
         # compare with every key (no early exit), so timing does not tell which one matched
         matches = [hmac.compare_digest(given, key) for key in self.api_keys]
         return scheme.lower() == "bearer" and any(matches)
+
+
+class JsonErrors:
+    """ASGI middleware: an exception no handler took becomes a logged JSON 500 (if no answer
+    was started yet; else the connection is closed, as a server would)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as e:  # noqa: BLE001 - the last line of defence: answer, then log
+            logger.exception("unhandled error in %s %s", scope.get("method"), scope["path"])
+            if started:
+                raise
+            detail = f"internal error ({type(e).__name__}); the request may be retried"
+            await send_json(send, 500, {"detail": detail})
 
 
 def _path(scope: Scope) -> str:

@@ -4,13 +4,15 @@
 ``text_diff`` like their in-process versions in ``unclip.pipeline`` / ``unclip.manipulations``),
 one block per stage, except that each stage is a ``DeploymentHandle`` call (batched on the
 other side) with a timeout. A stage
-that is down answers 503, one that is too slow 504; a bad request never reaches a stage.
+that is down answers 503, one that is too slow 504; a call whose replica died is sent once
+more; a bad request never reaches a stage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import secrets
 import time
 from dataclasses import replace
@@ -18,7 +20,12 @@ from typing import Any
 
 import torch
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import (
+    ObjectLostError,
+    RayActorError,
+    RayTaskError,
+    WorkerCrashedError,
+)
 from ray.serve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -47,13 +54,15 @@ def _default(fn: Any, name: str) -> Any:
 VARIATIONS_ETA: float = _default(UnclipPipeline.variations, "eta")
 TEXT_DIFF_FROM: str = _default(manipulations.text_diff, "from_text")
 TEXT_DIFF_STRENGTH: float = _default(manipulations.text_diff, "max_strength")
-UNAVAILABLE = (
-    RayActorError,
-    ActorUnavailableError,
-    BackPressureError,
-    DeploymentUnavailableError,
+# a replica died under the call (a RayTaskError wrapping one of these is an instance of it too)
+REPLICA_DIED = (
+    RayActorError,  # ActorDiedError, ActorUnavailableError
     ReplicaUnavailableError,
+    WorkerCrashedError,
+    ObjectLostError,  # OwnerDiedError, ...
 )
+UNAVAILABLE = (*REPLICA_DIED, BackPressureError, DeploymentUnavailableError)
+logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
@@ -107,19 +116,15 @@ class Ingress:
         timings: dict[str, float] = {}
 
         # 1. CLIP text encoder: the caption's embedding (and token states), one row per image
-        text, note = await self._call(
-            "text_encoder", self.text_encoder.encode.remote(req.prompt), timings
-        )
+        text, note = await self._call("text_encoder", self.text_encoder.encode, req.prompt, timings)
         text = text.repeat(n)
 
         # 2. prior: CLIP text embedding -> CLIP image embedding (best of `candidates`)
-        image_emb = await self._call(
-            "prior", self.prior.sample.remote(PriorJob(text, seeds, s)), timings
-        )
+        image_emb = await self._call("prior", self.prior.sample, PriorJob(text, seeds, s), timings)
 
         # 3. decoder: CLIP image embedding -> base-resolution image
         images = await self._call(
-            "decoder", self.decoder.sample.remote(DecodeJob(image_emb, text, seeds, s)), timings
+            "decoder", self.decoder.sample, DecodeJob(image_emb, text, seeds, s), timings
         )
 
         # 4. upsamplers: each multiplies the resolution
@@ -140,7 +145,7 @@ class Ingress:
 
         # 3. decoder with eta > 0 from the shared x_T: variations keep semantics and layout
         job = DecodeJob(z.repeat(n, 1), None, seeds, s, noise=x_T.repeat(n, 1, 1, 1))
-        images = await self._call("decoder", self.decoder.sample.remote(job), timings)
+        images = await self._call("decoder", self.decoder.sample, job, timings)
 
         # 4. upsamplers
         images = await self._upsample(images, seeds, s, timings)
@@ -172,8 +177,8 @@ class Ingress:
 
         # 1. the two captions' CLIP text embeddings
         (to_text, note_to), (from_text, note_from) = await asyncio.gather(
-            self._call("text_encoder", self.text_encoder.encode.remote(req.to_text), timings),
-            self._call("text_encoder", self.text_encoder.encode.remote(from_text), timings),
+            self._call("text_encoder", self.text_encoder.encode, req.to_text, timings),
+            self._call("text_encoder", self.text_encoder.encode, from_text, timings),
         )
 
         # 2. the image's bipartite latent
@@ -221,9 +226,9 @@ class Ingress:
         self, x: Tensor, s: SamplingSettings, timings: dict[str, float]
     ) -> tuple[Tensor, Tensor]:
         """Images (N, 3, S, S) -> (z_i (N, D) from the CLIP image encoder, x_T by inversion)."""
-        z = await self._call("image_encoder", self.image_encoder.encode.remote(x), timings)
+        z = await self._call("image_encoder", self.image_encoder.encode, x, timings)
         job = InvertJob(x, z, s)
-        x_T = await self._call("inversion", self.decoder.invert.remote(job), timings)
+        x_T = await self._call("inversion", self.decoder.invert, job, timings)
         return z, x_T
 
     async def _decode_latents(
@@ -236,7 +241,7 @@ class Ingress:
     ) -> Tensor:
         """Decode (z, x_T) rows with eta 0 (deterministic given the latent), then upsample."""
         job = DecodeJob(z, None, seeds, replace(s, decoder_eta=0.0), noise=x_T)
-        images = await self._call("decoder", self.decoder.sample.remote(job), timings)
+        images = await self._call("decoder", self.decoder.sample, job, timings)
         return await self._upsample(images, seeds, s, timings)
 
     def _stages(self) -> dict[str, DeploymentHandle]:
@@ -258,27 +263,34 @@ class Ingress:
     ) -> Any:
         for i, up in enumerate(self.upsamplers):
             job = UpsampleJob(images, seeds, s)
-            images = await self._call(f"upsampler{i + 1}", up.sample.remote(job), timings)
+            images = await self._call(f"upsampler{i + 1}", up.sample, job, timings)
         return images
 
-    async def _call(
-        self, stage: str, response: DeploymentResponse, timings: dict[str, float]
-    ) -> Any:
-        """Await one stage call with the stage timeout; map failures to 503/504."""
+    async def _call(self, stage: str, method: Any, arg: Any, timings: dict[str, float]) -> Any:
+        """``method.remote(arg)`` on a stage's handle, within the stage timeout; failures map
+        to 503/504. A call whose replica died is sent once more (stage calls are
+        deterministic given their seeds, so the answer is the same)."""
         t0 = time.perf_counter()
-        try:
-            out = await asyncio.wait_for(_awaitable(response), timeout=self.limits.stage_timeout_s)
-        except TimeoutError:
-            response.cancel()
-            raise StageError(
-                stage, f"took longer than {self.limits.stage_timeout_s:g} s", 504
-            ) from None
-        except UNAVAILABLE as e:
-            raise StageError(stage, f"unavailable ({type(e).__name__}); retry shortly") from None
-        except RayTaskError as e:
-            if isinstance(e.cause, UNAVAILABLE):
-                raise StageError(stage, f"unavailable ({type(e.cause).__name__})") from None
-            raise
+        deadline = t0 + self.limits.stage_timeout_s
+        for attempt in (1, 2):
+            response: DeploymentResponse = method.remote(arg)
+            try:
+                left = max(0.0, deadline - time.perf_counter())
+                out = await asyncio.wait_for(_awaitable(response), timeout=left)
+                break
+            except TimeoutError:
+                response.cancel()
+                raise StageError(
+                    stage, f"took longer than {self.limits.stage_timeout_s:g} s", 504
+                ) from None
+            except Exception as e:
+                if not isinstance(e, UNAVAILABLE):
+                    raise
+                name = type(e.cause if isinstance(e, RayTaskError) else e).__name__
+                if attempt == 1 and isinstance(e, REPLICA_DIED):
+                    logger.warning("%s: replica failed (%s); sending the call again", stage, name)
+                    continue
+                raise StageError(stage, f"unavailable ({name}); retry shortly") from None
         timings[stage] = time.perf_counter() - t0
         return out
 

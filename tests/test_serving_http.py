@@ -348,6 +348,7 @@ def _timed_post(served: Served, body: dict[str, Any], timeout: float) -> tuple[i
     t0 = time.monotonic()
     try:
         r = served.post("/v1/generate", json=body, timeout=timeout)
+        assert r.headers["content-type"] == "application/json", (r.status_code, r.text)
         return r.status_code, time.monotonic() - t0
     except requests.RequestException as e:
         return -1 if isinstance(e, requests.Timeout) else -2, time.monotonic() - t0
@@ -372,6 +373,25 @@ def _replica_pids(deployment: str) -> list[int]:
 
 
 @pytest.mark.slow
+def test_a_replica_killed_mid_request_is_retried_once(served: Served) -> None:
+    """Stage calls are deterministic given the seeds, so the ingress sends a call whose
+    replica died once more: the requests in flight still get their images."""
+    before = _replica_pids("Decoder")
+    bodies = [
+        {"prompt": f"retry {i}", "seed": i, "num_images": 4, "decoder_steps": 12} for i in range(4)
+    ]
+    expected = [served.generate(**b)["images"] for b in bodies]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        futures = [pool.submit(served.post, "/v1/generate", json=b) for b in bodies]
+        time.sleep(0.3)
+        os.kill(before[0], signal.SIGKILL)
+        answers = [f.result() for f in futures]
+    assert [r.status_code for r in answers] == [200] * len(bodies), [r.text for r in answers]
+    for r, images in zip(answers, expected, strict=True):
+        assert_close(decode(r.json()["images"]), decode(images))
+
+
+@pytest.mark.slow
 def test_killed_replica_is_restarted_and_no_request_hangs(served: Served) -> None:
     before = _replica_pids("Decoder")
     assert before
@@ -390,7 +410,7 @@ def test_killed_replica_is_restarted_and_no_request_hangs(served: Served) -> Non
     print(f"killed Decoder pid {before[0]} after {done_before_kill}/64 requests; {statuses}")
     assert done_before_kill < 64
     assert -1 not in statuses and -2 not in statuses, statuses  # nothing hung or was dropped
-    assert set(statuses) <= {200, 503, 504, 500}, statuses
+    assert set(statuses) <= {200, 503, 504}, statuses  # never a 500
     assert max(t for _, t in results) < timeout
     assert 200 in statuses
 

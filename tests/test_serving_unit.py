@@ -219,6 +219,9 @@ class _EchoService:
     async def variations(self, req: Any) -> GenerateResponse:
         raise RequestError("image", "never mind")
 
+    async def interpolate(self, req: Any) -> GenerateResponse:
+        raise RuntimeError("a bug")
+
     async def health(self) -> tuple[bool, dict[str, str]]:
         return True, {"echo": "ok"}
 
@@ -261,6 +264,15 @@ def test_api_key_is_required_except_on_open_paths(guarded_url: str) -> None:
         auth = {"Authorization": f"Bearer {key}"}
         r = requests.post(f"{guarded_url}/v1/generate", json=body, headers=auth, timeout=10)
         assert r.status_code == status, key
+
+
+def test_an_unexpected_error_is_a_json_500(guarded_url: str) -> None:
+    ok = {"Authorization": "Bearer s3cret"}
+    body = {"image_a": "a", "image_b": "b", "frames": 2}
+    r = requests.post(f"{guarded_url}/v1/interpolate", json=body, headers=ok, timeout=10)
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    assert r.json()["detail"].startswith("internal error (RuntimeError)")
+    assert requests.get(f"{guarded_url}/v1/nope", timeout=10).json()["detail"]  # 404 too
 
 
 def test_api_keys_are_stripped_and_several_are_accepted(tmp_path: Any) -> None:
