@@ -64,7 +64,7 @@ from training.runs import (
     run_location,
 )
 from unclip import fs, numerics
-from unclip.checkpoint import TRAIN_STATE
+from unclip.checkpoint import COMMIT, TRAIN_STATE, write_commit
 from unclip.clip import OPENAI_MEAN, OPENAI_STD, Clip, save_clip_checkpoint
 from unclip.config import ConfigError
 from unclip.errors import UserError
@@ -101,6 +101,7 @@ def write_checkpoint(
     buf = io.BytesIO()
     torch.save(train_state(model, optimizer, step), buf)
     fs.write_bytes(fs.join(directory, TRAIN_STATE), buf.getvalue())
+    write_commit(directory, sorted(set(fs.listdir(directory)) - {COMMIT}))
 
 
 # ---------------------------------------------------------------------- the worker loop
