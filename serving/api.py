@@ -65,9 +65,17 @@ class GenerateResponse(BaseModel):
     )
 
 
-class HealthResponse(BaseModel):
-    status: str = Field(description="'ok' when every stage answers, else 'unavailable'")
-    stages: dict[str, str]
+class LivenessResponse(BaseModel):
+    status: str = Field(description="'ok': the ingress answers (no stage is asked)")
+
+
+class ReadinessResponse(BaseModel):
+    status: str = Field(
+        description="'ready' when every stage has a running replica, else 'not ready'"
+    )
+    stages: dict[str, str] = Field(
+        description="per stage: 'ok', or its Serve status and running replicas"
+    )
 
 
 class RequestModels:
@@ -158,7 +166,7 @@ class Service(Protocol):
     async def variations(self, req: Any) -> GenerateResponse: ...
     async def interpolate(self, req: Any) -> GenerateResponse: ...
     async def text_diff(self, req: Any) -> GenerateResponse: ...
-    async def health(self) -> tuple[bool, dict[str, str]]: ...
+    async def readiness(self) -> tuple[bool, dict[str, str]]: ...
 
 
 # ---------------------------------------------------------------------- app
@@ -211,11 +219,18 @@ def make_api(
         """Language-guided edit: move the image's CLIP embedding along a text diff."""
         return await service.text_diff(req)
 
-    @app.get("/v1/health", responses={503: {"model": HealthResponse}})
-    async def health() -> HealthResponse:
-        """Readiness: 200 when every stage deployment answers, else 503."""
-        ok, stages = await service.health()
-        body = HealthResponse(status="ok" if ok else "unavailable", stages=stages)
+    @app.get("/v1/health")
+    async def health() -> LivenessResponse:
+        """Liveness (a Kubernetes ``livenessProbe``): 200 while the ingress answers HTTP.
+        Asks no stage, so it stays fast however busy the stages are."""
+        return LivenessResponse(status="ok")
+
+    @app.get("/v1/ready", responses={503: {"model": ReadinessResponse}})
+    async def ready() -> ReadinessResponse:
+        """Readiness (a ``readinessProbe``, a load balancer's health check): 200 when every
+        stage has a running replica, per Serve's own health checks, else 503."""
+        ok, stages = await service.readiness()
+        body = ReadinessResponse(status="ready" if ok else "not ready", stages=stages)
         if not ok:
             return JSONResponse(body.model_dump(), status_code=503)  # type: ignore[return-value]
         return body

@@ -155,7 +155,7 @@ def usage(url: str, api_key: bool) -> str:
         [
             f"  web page:  {url}/",
             f"  API docs:  {url}/docs",
-            f"  health:    curl {url}/v1/health",
+            f"  health:    curl {url}/v1/health   (readiness: {url}/v1/ready)",
             f"  generate:  curl -s {url}/v1/generate -H 'Content-Type: application/json'{auth} "
             f"-d {shlex.quote(body)} | {save}",
         ]
@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
         if api_key:
             print(
                 f"  API key:   required (from ${API_KEY_ENV} / ${API_KEY_FILE_ENV}); "
-                "/v1/health and / stay open"
+                "/v1/health, /v1/ready and / stay open"
             )
         print("Ctrl-C to stop.", flush=True)
         while not stop.wait(1.0):

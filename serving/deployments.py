@@ -4,7 +4,8 @@ CLIP text encoder, CLIP image encoder, prior, decoder (sampling and DDIM inversi
 deployment per upsampler. Each batched method is ``@serve.batch``: concurrent requests are
 grouped (``serving.batching``) and run through the stage functions of ``unclip.pipeline``,
 the same code ``unclip generate`` runs in-process. The model call runs in a worker thread
-so the replica keeps answering ``ready()`` (health) while it computes.
+so the replica's event loop stays free while it computes: Serve's ``check_health`` calls
+answer, and fail when a model call is stuck or the GPU is broken.
 
 Batching is tuned per deployment by its ``user_config`` (``serving/config.yaml``):
 ``{max_batch_size: 8, batch_wait_timeout_s: 0.01}``; ``max_batch_size: 1`` turns it off.
@@ -13,6 +14,7 @@ Batching is tuned per deployment by its ``user_config`` (``serving/config.yaml``
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +50,7 @@ from unclip.upsampler import Upsampler as UpsamplerModel
 
 DEFAULT_BATCH = {"max_batch_size": 8, "batch_wait_timeout_s": 0.01}
 CPU_OPTIONS = {"num_cpus": 0.25}
+STUCK_AFTER_S = 600.0  # a model call running longer than this fails the health check
 
 
 def device() -> str:
@@ -61,13 +64,38 @@ def load_clip(bundle: str) -> Clip:
 
 
 class _Stage:
-    """Shared by the model deployments: readiness and batch settings from ``user_config``."""
+    """Shared by the model deployments: health check, batch settings from ``user_config``."""
 
     _batched: tuple[str, ...] = ()
+    stuck_after_s: float = STUCK_AFTER_S
 
-    async def ready(self) -> str:
-        """Cheap call for the ingress's readiness check (not batched, not blocked by compute)."""
-        return "ok"
+    def check_health(self) -> None:
+        """Serve's periodic health check: a replica that fails it is replaced (and is not
+        counted as running in the ingress's ``/v1/ready``)."""
+        running = getattr(self, "_running", {})
+        oldest = min(running.values(), default=None)
+        if oldest is not None and time.monotonic() - oldest > self.stuck_after_s:
+            raise RuntimeError(
+                f"a model call has been running for {time.monotonic() - oldest:.0f} s "
+                f"(limit {self.stuck_after_s:g} s): the replica is stuck"
+            )
+        if device() == "cuda":
+            torch.cuda.synchronize()  # raises if the CUDA context is broken
+
+    async def _compute(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` without gradients in a worker thread, tracked for ``check_health``."""
+        running: dict[int, float] = self.__dict__.setdefault("_running", {})
+        key = id(fn)
+        running[key] = time.monotonic()
+
+        def call() -> Any:
+            with torch.no_grad():
+                return fn()
+
+        try:
+            return await asyncio.to_thread(call)
+        finally:
+            running.pop(key, None)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         unknown = set(config) - set(DEFAULT_BATCH)
@@ -83,14 +111,6 @@ class _Stage:
             method = getattr(self, name)
             method.set_max_batch_size(size)
             method.set_batch_wait_timeout_s(wait)
-
-
-async def _in_thread(fn: Callable[[], Any]) -> Any:
-    def call() -> Any:
-        with torch.no_grad():
-            return fn()
-
-    return await asyncio.to_thread(call)
 
 
 @serve.deployment(ray_actor_options=CPU_OPTIONS, max_ongoing_requests=16)
@@ -113,7 +133,7 @@ class TextEncoder(_Stage):
             text, notes = encode_prompts_noting(self.clip, list(prompts), self.with_states)
             return list(zip(text_rows(text, [1] * len(prompts)), notes, strict=True))
 
-        return await _in_thread(run)
+        return await self._compute(run)
 
 
 @serve.deployment(ray_actor_options=CPU_OPTIONS, max_ongoing_requests=16)
@@ -131,7 +151,7 @@ class ImageEncoder(_Stage):
             emb = self.clip.encode_images(torch.cat(group).to(device()))
             return split_rows(emb, [len(x) for x in group])
 
-        return await _in_thread(lambda: run_grouped(images, lambda x: tuple(x.shape[1:]), run))
+        return await self._compute(lambda: run_grouped(images, lambda x: tuple(x.shape[1:]), run))
 
 
 @serve.deployment(ray_actor_options=CPU_OPTIONS, max_ongoing_requests=16)
@@ -154,7 +174,7 @@ class Prior(_Stage):
             emb = sample_prior(self.prior, text, seeds, group[0].settings)
             return split_rows(emb, [len(j.seeds) for j in group])
 
-        return await _in_thread(lambda: run_grouped(jobs, PriorJob.key, run))
+        return await self._compute(lambda: run_grouped(jobs, PriorJob.key, run))
 
 
 @serve.deployment(ray_actor_options=CPU_OPTIONS, max_ongoing_requests=16)
@@ -183,7 +203,7 @@ class Decoder(_Stage):
             )
             return split_rows(images, [len(j.seeds) for j in group])
 
-        return await _in_thread(lambda: run_grouped(jobs, DecodeJob.key, run))
+        return await self._compute(lambda: run_grouped(jobs, DecodeJob.key, run))
 
     @serve.batch(**DEFAULT_BATCH)
     async def invert(self, jobs: list[InvertJob]) -> list[Tensor]:
@@ -196,7 +216,7 @@ class Decoder(_Stage):
             )
             return split_rows(x_T, [len(j.images) for j in group])
 
-        return await _in_thread(lambda: run_grouped(jobs, InvertJob.key, run))
+        return await self._compute(lambda: run_grouped(jobs, InvertJob.key, run))
 
 
 @serve.deployment(ray_actor_options=CPU_OPTIONS, max_ongoing_requests=16)
@@ -225,4 +245,4 @@ class Upsampler(_Stage):
             )
             return split_rows(images, [len(j.seeds) for j in group])
 
-        return await _in_thread(lambda: run_grouped(jobs, UpsampleJob.key, run))
+        return await self._compute(lambda: run_grouped(jobs, UpsampleJob.key, run))

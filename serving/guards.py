@@ -37,8 +37,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# routes that need no API key: the page, health for probes, the API docs
-OPEN_PATHS = frozenset({"/", "/v1/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+# routes that need no API key: the page, liveness and readiness for probes, the API docs
+OPEN_PATHS = frozenset(
+    {"/", "/v1/health", "/v1/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
+)
 
 API_KEY_ENV = "UNCLIP_API_KEY"
 API_KEY_FILE_ENV = "UNCLIP_API_KEY_FILE"

@@ -188,10 +188,13 @@ def test_interpolation_and_text_diff_match_the_in_process_manipulations(
 
 def test_health_docs_and_page(served: Served) -> None:
     health = requests.get(served.url + "/v1/health", timeout=30)
-    assert health.status_code == 200
-    assert health.json() == {"status": "ok", "stages": dict.fromkeys(STAGES, "ok")}
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    ready = requests.get(served.url + "/v1/ready", timeout=30)
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "stages": dict.fromkeys(STAGES, "ok")}
     schema = requests.get(served.url + "/openapi.json", timeout=30).json()
     paths = {"/v1/generate", "/v1/variations", "/v1/interpolate", "/v1/text-diff", "/v1/health"}
+    paths.add("/v1/ready")
     assert paths <= set(schema["paths"])
     gen = schema["components"]["schemas"]["GenerateRequest"]["properties"]["num_images"]
     assert gen["maximum"] == TEST_LIMITS["max_num_images"]  # the configured limits are documented
@@ -273,6 +276,25 @@ def test_malformed_json_and_wrong_content(served: Served) -> None:
     assert 400 <= r.status_code < 500
     r = served.post("/v1/variations", data=b"x" * 200_000, headers=headers)
     assert r.status_code == 413 and r.json()["detail"].startswith("body:")
+
+
+def test_liveness_and_readiness_answer_while_the_stages_are_busy(served: Served) -> None:
+    """Neither probe waits in a stage's request queue: liveness asks no stage, readiness
+    reads Serve's own (cached) deployment states."""
+    bodies = [
+        {"prompt": f"busy {i}", "seed": i, "num_images": 4, "decoder_steps": 12} for i in range(8)
+    ]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        futures = [pool.submit(served.post, "/v1/generate", json=b) for b in bodies]
+        time.sleep(0.5)
+        live = requests.get(served.url + "/v1/health", timeout=10)
+        ready = requests.get(served.url + "/v1/ready", timeout=10)
+        busy = sum(not f.done() for f in futures)
+        statuses = [f.result().status_code for f in futures]
+    assert live.status_code == 200 and live.json() == {"status": "ok"}
+    assert ready.status_code == 200 and set(ready.json()["stages"]) == STAGES
+    assert busy > 0, "the stages were idle: this test did not test anything"
+    assert statuses == [200] * len(bodies)
 
 
 def test_replicas_stay_healthy_after_bad_requests(served: Served) -> None:
@@ -418,7 +440,7 @@ def test_killed_replica_is_restarted_and_no_request_hangs(served: Served) -> Non
     deadline = time.monotonic() + 120
     while True:
         pids = _replica_pids("Decoder")
-        health = requests.get(served.url + "/v1/health", timeout=30).status_code
+        health = requests.get(served.url + "/v1/ready", timeout=30).status_code
         if pids and before[0] not in pids and health == 200:
             break
         assert time.monotonic() < deadline, (pids, health)

@@ -3,6 +3,7 @@ models, and the HTTP guards (API key, body size) over real HTTP with uvicorn."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -25,7 +26,7 @@ from serving.api import GenerateResponse, RequestModels, make_api
 from serving.app import AppArgs, upsampler_names
 from serving.batching import DecodeJob, PriorJob, cat_text, run_grouped, split_rows
 from serving.cli import CONFIG_PATH, check_exposure, load_config, serve_config
-from serving.deployments import Decoder, ImageEncoder, Prior, TextEncoder
+from serving.deployments import Decoder, ImageEncoder, Prior, TextEncoder, _Stage
 from serving.guards import read_api_keys
 from serving.images import RequestError, decode_image
 from serving.ingress import Ingress
@@ -222,7 +223,7 @@ class _EchoService:
     async def interpolate(self, req: Any) -> GenerateResponse:
         raise RuntimeError("a bug")
 
-    async def health(self) -> tuple[bool, dict[str, str]]:
+    async def readiness(self) -> tuple[bool, dict[str, str]]:
         return True, {"echo": "ok"}
 
 
@@ -255,7 +256,7 @@ def test_api_key_is_required_except_on_open_paths(guarded_url: str) -> None:
     ok = {"Authorization": "Bearer s3cret"}
     r = requests.post(f"{guarded_url}/v1/generate", json=body, headers=ok, timeout=10)
     assert r.status_code == 200 and r.json()["seed"] == 3
-    for path in ("/v1/health", "/", "/docs", "/openapi.json"):
+    for path in ("/v1/health", "/v1/ready", "/", "/docs", "/openapi.json"):
         assert requests.get(guarded_url + path, timeout=10).status_code == 200, path
     r = requests.post(f"{guarded_url}/v1/variations", json={"image": "x"}, headers=ok, timeout=10)
     assert r.status_code == 422 and r.json()["detail"] == "image: never mind"
@@ -264,6 +265,22 @@ def test_api_key_is_required_except_on_open_paths(guarded_url: str) -> None:
         auth = {"Authorization": f"Bearer {key}"}
         r = requests.post(f"{guarded_url}/v1/generate", json=body, headers=auth, timeout=10)
         assert r.status_code == status, key
+
+
+def test_stage_health_check_fails_while_a_model_call_is_stuck() -> None:
+    stage = _Stage()
+    stage.stuck_after_s = 0.3
+    stage.check_health()
+
+    async def main() -> None:
+        call = asyncio.create_task(stage._compute(lambda: time.sleep(1.0)))
+        await asyncio.sleep(0.6)
+        with pytest.raises(RuntimeError, match="stuck"):
+            stage.check_health()
+        await call
+        stage.check_health()  # healthy again once the call returns
+
+    asyncio.run(main())
 
 
 def test_an_unexpected_error_is_a_json_500(guarded_url: str) -> None:
