@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from serving.admission import Overloaded
 from serving.guards import Guard, JsonErrors
 from serving.images import RequestError
 from serving.limits import Limits
@@ -38,9 +39,10 @@ PAGE = Path(__file__).parent / "static" / "index.html"
 class StageError(Exception):
     """A stage could not answer: unavailable (503) or too slow (504)."""
 
-    def __init__(self, stage: str, message: str, status: int = 503) -> None:
+    def __init__(self, stage: str, message: str, status: int = 503, retry_after_s: int = 1) -> None:
         super().__init__(f"{stage}: {message}")
         self.status = status
+        self.retry_after_s = retry_after_s
 
 
 # ---------------------------------------------------------------------- models
@@ -285,7 +287,12 @@ def _add_error_handlers(app: FastAPI) -> None:
             status_code=exc.status,
         )
 
+    @app.exception_handler(Overloaded)
+    async def overloaded(_: Request, exc: Overloaded) -> JSONResponse:
+        headers = {"Retry-After": str(int(exc.retry_after_s))}
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers=headers)
+
     @app.exception_handler(StageError)
     async def stage_error(_: Request, exc: StageError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.status == 503 else None
         return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)

@@ -28,6 +28,7 @@ from serving.batching import (
     PriorJob,
     UpsampleJob,
     cat_text,
+    group_deadline,
     run_grouped,
     split_rows,
     text_rows,
@@ -44,6 +45,7 @@ from unclip.pipeline import (
     sample_decoder,
     sample_prior,
     sample_upsampler,
+    stop_at,
 )
 from unclip.prior import DiffusionPrior
 from unclip.upsampler import Upsampler as UpsamplerModel
@@ -171,7 +173,8 @@ class Prior(_Stage):
         def run(group: list[PriorJob]) -> list[Tensor]:
             text = cat_text([j.text for j in group])
             seeds = [s for j in group for s in j.seeds]
-            emb = sample_prior(self.prior, text, seeds, group[0].settings)
+            stop = stop_at(group_deadline(group))
+            emb = sample_prior(self.prior, text, seeds, group[0].settings, progress=stop)
             return split_rows(emb, [len(j.seeds) for j in group])
 
         return await self._compute(lambda: run_grouped(jobs, PriorJob.key, run))
@@ -200,6 +203,7 @@ class Decoder(_Stage):
                 [s for j in group for s in j.seeds],
                 first.settings,
                 noise=None if first.noise is None else torch.cat([j.noise for j in group]),  # type: ignore[misc]
+                progress=stop_at(group_deadline(group)),
             )
             return split_rows(images, [len(j.seeds) for j in group])
 
@@ -213,6 +217,7 @@ class Decoder(_Stage):
                 torch.cat([j.images for j in group]),
                 torch.cat([j.image_emb for j in group]),
                 group[0].settings,
+                progress=stop_at(group_deadline(group)),
             )
             return split_rows(x_T, [len(j.images) for j in group])
 
@@ -242,6 +247,7 @@ class Upsampler(_Stage):
                 [s for j in group for s in j.seeds],
                 group[0].settings,
                 self.index,
+                progress=stop_at(group_deadline(group)),
             )
             return split_rows(images, [len(j.seeds) for j in group])
 

@@ -42,6 +42,7 @@ TEST_LIMITS = {
     "max_image_bytes": 100_000,
     "max_image_pixels": 256 * 256,
     "stage_timeout_s": 30.0,
+    "max_request_cost": 400,
 }
 STAGES = {"text_encoder", "image_encoder", "prior", "decoder", "upsampler1"}
 
@@ -226,6 +227,19 @@ BAD_GENERATE = [
     ({**OK, "style": "oil"}, 422, "style"),
     ([OK], 422, "body"),
 ]
+# within every field's limit, but 4 x (3 x 12 x 2) + 4 x 12 x 2 + 4 x 12 = 432 > 400
+TOO_COSTLY = {
+    **OK,
+    "num_images": 4,
+    "candidates": 3,
+    "prior_steps": 12,
+    "decoder_steps": 12,
+    "upsampler_steps": 12,
+    "prior_guidance_scale": 2.0,
+    "decoder_guidance_scale": 3.0,
+}
+BAD_GENERATE.append((TOO_COSTLY, 422, "num_images, candidates, prior_steps"))
+BAD_GENERATE.append((TOO_COSTLY, 422, "budget of 400"))
 BAD_VARIATIONS = [
     ({"image": "!!!not base64!!!"}, 422, "image"),
     ({"image": base64.b64encode(b"GIF89a but not really").decode()}, 422, "image"),

@@ -22,10 +22,19 @@ from PIL import Image
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
+from serving.admission import Admission, Overloaded
 from serving.api import GenerateResponse, RequestModels, make_api
 from serving.app import AppArgs, upsampler_names
-from serving.batching import DecodeJob, PriorJob, cat_text, run_grouped, split_rows
+from serving.batching import (
+    DecodeJob,
+    PriorJob,
+    cat_text,
+    group_deadline,
+    run_grouped,
+    split_rows,
+)
 from serving.cli import CONFIG_PATH, check_exposure, load_config, serve_config
+from serving.cost import check_cost, request_cost
 from serving.deployments import Decoder, ImageEncoder, Prior, TextEncoder, _Stage
 from serving.guards import read_api_keys
 from serving.images import RequestError, decode_image
@@ -39,6 +48,7 @@ from unclip.cli import UserError
 from unclip.conditioning import TextCond
 from unclip.config import ConfigError, SamplingSettings
 from unclip.models import build_model
+from unclip.pipeline import DeadlineExceeded, sample_decoder, stop_at
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +89,7 @@ def test_config_yaml_is_a_valid_serve_deploy_config() -> None:
     for d in app.deployments:
         batch = d.user_config.get("max_batch_size", 1) if isinstance(d.user_config, dict) else 1
         assert d.max_ongoing_requests >= batch, d.name
+        assert d.max_queued_requests >= 64, d.name  # bounded queues: shed, never pile up
 
 
 def test_serve_config_fills_in_the_bundle(bundle: str, tmp_path: Any) -> None:
@@ -343,3 +354,85 @@ def test_chunked_body_is_counted_as_received_and_refused_past_the_limit(
     # no key: 401 before any of the body is read
     status, body, _ = post_chunked(guarded_url, "/v1/variations", 64 << 20, {})
     assert status == 401, body
+
+
+# ---------------------------------------------------------------------- cost and deadline
+def test_request_cost_counts_rows_steps_candidates_and_guidance() -> None:
+    s = SamplingSettings(
+        prior_steps=10,
+        prior_guidance_scale=1.0,
+        candidates=3,
+        decoder_steps=20,
+        decoder_guidance_scale=3.0,
+        upsampler_steps=5,
+    )
+    cost = request_cost(4, s, upsamplers=2, prior=True)
+    assert cost == {"prior": 4 * 3 * 10, "decoder": 4 * 20 * 2, "upsamplers": 4 * 5 * 2}
+    assert request_cost(2, s, upsamplers=0, inverted=1) == {"inversion": 40, "decoder": 80}
+    check_cost(cost, ["num_images"], budget=sum(cost.values()))
+    with pytest.raises(RequestError) as e:
+        check_cost(cost, ["num_images", "decoder_steps"], budget=100)
+    assert e.value.status == 422
+    assert str(e.value).startswith("num_images, decoder_steps: this request needs 320 ")
+    assert "budget of 100" in str(e.value)
+
+
+def test_sampling_stops_at_the_next_step_once_the_deadline_passed(tmp_path: Any) -> None:
+    clip = save_tiny_clip(str(tmp_path / "clip"))
+    cfg = tiny_configs(clip, text_states=False)[1]
+    decoder = build_model(cfg).eval()
+    emb = torch.nn.functional.normalize(torch.randn(2, 32), dim=-1)
+    s = SamplingSettings(decoder_steps=6)
+    with torch.no_grad(), pytest.raises(DeadlineExceeded, match="after 1 of 6"):
+        sample_decoder(decoder, emb, None, [1, 2], s, progress=stop_at(time.time() - 1))
+    with torch.no_grad():
+        out = sample_decoder(decoder, emb, None, [1, 2], s, progress=stop_at(time.time() + 600))
+    assert out.shape[0] == 2
+    jobs = [DecodeJob(emb, None, [0], s, deadline=d) for d in (5.0, 9.0)]
+    assert group_deadline(jobs) == 9.0  # the group runs while anyone still waits
+    assert group_deadline([*jobs, DecodeJob(emb, None, [0], s)]) is None
+
+
+def test_admission_sheds_what_could_not_finish_before_the_deadline() -> None:
+    now = [0.0]
+    adm = Admission(deadline_s=10.0, clock=lambda: now[0])
+    adm.admit(100)
+    adm.admit(100)  # no rate measured yet: admitted
+    now[0] = 2.0
+    adm.release(100, completed=True)  # 100 units in 2 s while busy
+    assert adm.rate == 50.0
+    adm.admit(300)  # (100 + 300) / 50 = 8 s, within the deadline
+    with pytest.raises(Overloaded) as e:
+        adm.admit(200)  # (400 + 200) / 50 = 12 s: shed now rather than time out
+    assert e.value.retry_after_s == 8  # the 400 in flight drain in 8 s
+    assert adm.in_flight == 400
+    adm.release(100, completed=False)
+    adm.release(300, completed=False)
+    assert adm.in_flight == 0 and adm.rate == 50.0
+    adm.admit(10_000)  # an idle service admits any request (the cost budget bounds it)
+
+
+def test_overload_and_stage_errors_are_json_503_with_retry_after() -> None:
+    import uvicorn
+
+    class Busy(_EchoService):
+        async def text_diff(self, req: Any) -> GenerateResponse:
+            raise Overloaded(retry_after_s=7, wait_s=40.0)
+
+    app = make_api(Busy(), Limits())
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        body = {"image": "a", "to_text": "b", "frames": 2}
+        r = requests.post(f"http://127.0.0.1:{port}/v1/text-diff", json=body, timeout=10)
+        assert r.status_code == 503 and r.headers["retry-after"] == "7"
+        assert r.json()["detail"].startswith("overloaded: ")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

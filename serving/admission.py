@@ -1,0 +1,83 @@
+"""Load shedding at the ingress: admit a request only if it can finish before its deadline.
+
+The ingress knows what each request costs (``serving.cost``: network evaluations) and
+measures how fast the stages work through that cost while they are busy (an exponential
+moving average of cost units per second). A request is admitted when the work already in
+flight plus its own would be done within ``limits.request_timeout_s`` at that rate;
+otherwise it is answered at once with 503 and a ``Retry-After`` of the time the work in
+flight needs to drain, instead of a 504 after waiting out its deadline. Until the first
+measurement everything is admitted (Serve's ``max_ongoing_requests`` and
+``max_queued_requests`` still bound it).
+
+Each ingress replica decides for the requests it holds: with several replicas, each sees
+its share of the load.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+
+class Overloaded(Exception):
+    """The request would not finish before its deadline: answer 503 with ``retry_after_s``."""
+
+    def __init__(self, retry_after_s: float, wait_s: float) -> None:
+        super().__init__(
+            f"overloaded: this request would wait about {wait_s:.0f} s for the work already "
+            f"in flight; retry after {retry_after_s:.0f} s"
+        )
+        self.retry_after_s = retry_after_s
+
+
+class Admission:
+    """Cost in flight and the measured rate (cost units per second) at which it drains."""
+
+    def __init__(
+        self,
+        deadline_s: float,
+        smoothing: float = 0.3,
+        min_sample_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.deadline_s = deadline_s
+        self.smoothing = smoothing
+        self.min_sample_s = min_sample_s
+        self.clock = clock
+        self.in_flight = 0
+        self.rate: float | None = None  # cost units per second while busy
+        self._done_since = 0  # cost completed since the last rate sample
+        self._busy_since: float | None = None
+
+    def admit(self, cost: int) -> None:
+        """Count ``cost`` in, or raise ``Overloaded``."""
+        if self.rate is not None and self.in_flight > 0:
+            wait = (self.in_flight + cost) / self.rate
+            if wait > self.deadline_s:
+                raise Overloaded(retry_after_s=self.drain_s(), wait_s=wait)
+        if self.in_flight == 0:
+            self._busy_since = self.clock()
+            self._done_since = 0
+        self.in_flight += cost
+
+    def drain_s(self) -> int:
+        """Whole seconds until the work in flight is done at the measured rate (at least 1)."""
+        if not self.rate:
+            return 1
+        return max(1, math.ceil(self.in_flight / self.rate))
+
+    def release(self, cost: int, completed: bool) -> None:
+        """Count ``cost`` out; a ``completed`` request's cost is a sample of the rate."""
+        self.in_flight -= cost
+        now = self.clock()
+        if completed and self._busy_since is not None:
+            self._done_since += cost
+            elapsed = now - self._busy_since
+            if elapsed >= self.min_sample_s:  # shorter: requests of one batch ending together
+                sample = self._done_since / elapsed
+                a = self.smoothing
+                self.rate = sample if self.rate is None else (1 - a) * self.rate + a * sample
+                self._busy_since, self._done_since = now, 0
+        if self.in_flight == 0:
+            self._busy_since = None
