@@ -6,8 +6,9 @@ moving average of cost units per second). A request is admitted when the work al
 flight plus its own would be done within ``limits.request_timeout_s`` at that rate;
 otherwise it is answered at once with 503 and a ``Retry-After`` of the time the work in
 flight needs to drain, instead of a 504 after waiting out its deadline. Until the first
-measurement everything is admitted (Serve's ``max_ongoing_requests`` and
-``max_queued_requests`` still bound it).
+measurement (a cold start, e.g. a storm on a fresh replica) at most ``cold_cost`` (one
+request budget) is let in at a time, so the first requests measure the rate instead of
+all of them timing out together.
 
 Each ingress replica decides for the requests it holds: with several replicas, each sees
 its share of the load.
@@ -23,11 +24,13 @@ from collections.abc import Callable
 class Overloaded(Exception):
     """The request would not finish before its deadline: answer 503 with ``retry_after_s``."""
 
-    def __init__(self, retry_after_s: float, wait_s: float) -> None:
-        super().__init__(
-            f"overloaded: this request would wait about {wait_s:.0f} s for the work already "
-            f"in flight; retry after {retry_after_s:.0f} s"
+    def __init__(self, retry_after_s: float, wait_s: float | None) -> None:
+        why = (
+            "the service is measuring its speed on the first requests"
+            if wait_s is None
+            else f"this request would wait about {wait_s:.0f} s for the work already in flight"
         )
+        super().__init__(f"overloaded: {why}; retry after {retry_after_s:.0f} s")
         self.retry_after_s = retry_after_s
 
 
@@ -37,11 +40,13 @@ class Admission:
     def __init__(
         self,
         deadline_s: float,
+        cold_cost: int,
         smoothing: float = 0.3,
         min_sample_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.deadline_s = deadline_s
+        self.cold_cost = cold_cost
         self.smoothing = smoothing
         self.min_sample_s = min_sample_s
         self.clock = clock
@@ -52,7 +57,9 @@ class Admission:
 
     def admit(self, cost: int) -> None:
         """Count ``cost`` in, or raise ``Overloaded``."""
-        if self.rate is not None and self.in_flight > 0:
+        if self.in_flight > 0 and self.rate is None and self.in_flight + cost > self.cold_cost:
+            raise Overloaded(retry_after_s=self.drain_s(), wait_s=None)
+        if self.in_flight > 0 and self.rate is not None:
             wait = (self.in_flight + cost) / self.rate
             if wait > self.deadline_s:
                 raise Overloaded(retry_after_s=self.drain_s(), wait_s=wait)
@@ -62,9 +69,10 @@ class Admission:
         self.in_flight += cost
 
     def drain_s(self) -> int:
-        """Whole seconds until the work in flight is done at the measured rate (at least 1)."""
+        """Whole seconds until the work in flight is done at the measured rate (at least 1;
+        a quarter of the deadline before any measurement)."""
         if not self.rate:
-            return 1
+            return max(1, math.ceil(self.deadline_s / 4))
         return max(1, math.ceil(self.in_flight / self.rate))
 
     def release(self, cost: int, completed: bool) -> None:

@@ -105,7 +105,7 @@ GENERATE_FIELDS = ["num_images", "candidates", "prior_steps", "decoder_steps"]
 GENERATE_FIELDS += ["upsampler_steps", "prior_guidance_scale", "decoder_guidance_scale"]
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress()
 class Ingress:
     def __init__(
@@ -134,7 +134,9 @@ class Ingress:
         self._readiness: tuple[bool, dict[str, str]] = (False, {})
         self._readiness_at = -float("inf")
         self._readiness_lock = asyncio.Lock()
-        self.admission = Admission(deadline_s=self.limits.request_timeout_s)
+        self.admission = Admission(
+            deadline_s=self.limits.request_timeout_s, cold_cost=self.limits.max_request_cost
+        )
 
     def __serve_build_asgi_app__(self) -> Any:
         return make_api(

@@ -395,9 +395,11 @@ def test_sampling_stops_at_the_next_step_once_the_deadline_passed(tmp_path: Any)
 
 def test_admission_sheds_what_could_not_finish_before_the_deadline() -> None:
     now = [0.0]
-    adm = Admission(deadline_s=10.0, clock=lambda: now[0])
+    adm = Admission(deadline_s=10.0, cold_cost=250, clock=lambda: now[0])
     adm.admit(100)
-    adm.admit(100)  # no rate measured yet: admitted
+    adm.admit(100)  # no rate measured yet: admitted up to one budget (cold_cost) in flight
+    with pytest.raises(Overloaded, match="measuring"):
+        adm.admit(100)
     now[0] = 2.0
     adm.release(100, completed=True)  # 100 units in 2 s while busy
     assert adm.rate == 50.0
