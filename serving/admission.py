@@ -82,7 +82,9 @@ class Admission:
         if completed and self._busy_since is not None:
             self._done_since += cost
             elapsed = now - self._busy_since
-            if elapsed >= self.min_sample_s:  # shorter: requests of one batch ending together
+            # a sample spans at least min_sample_s (requests of one batch end together), or
+            # a whole busy period
+            if elapsed >= self.min_sample_s or (self.in_flight == 0 and elapsed > 0):
                 sample = self._done_since / elapsed
                 a = self.smoothing
                 self.rate = sample if self.rate is None else (1 - a) * self.rate + a * sample

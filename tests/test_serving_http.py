@@ -27,6 +27,7 @@ from schemathesis.checks import not_a_server_error
 
 from serving.cli import deploy as deploy_config
 from serving.cli import load_config, serve_config
+from serving.limits import Limits
 from tests.conftest import free_port
 from tests.http_raw import post_chunked
 from tests.serving_cdp import Browser, find_chromium
@@ -385,17 +386,26 @@ def _timed_post(served: Served, body: dict[str, Any], timeout: float) -> tuple[i
     try:
         r = served.post("/v1/generate", json=body, timeout=timeout)
         assert r.headers["content-type"] == "application/json", (r.status_code, r.text)
+        if r.status_code == 503:
+            assert int(r.headers["retry-after"]) >= 1, r.headers
         return r.status_code, time.monotonic() - t0
     except requests.RequestException as e:
         return -1 if isinstance(e, requests.Timeout) else -2, time.monotonic() - t0
 
 
 @pytest.mark.slow
-def test_64_concurrent_generate_requests_all_succeed(served: Served) -> None:
+def test_64_concurrent_generate_requests_get_images_or_a_503_before_the_deadline(
+    served: Served,
+) -> None:
+    """Load shedding: what the service cannot finish in time it refuses (503 JSON with
+    Retry-After, checked in _timed_post) instead of answering 504 at the deadline."""
     bodies = [{"prompt": f"shape {i}", "seed": i, "decoder_steps": 4} for i in range(64)]
     with ThreadPoolExecutor(64) as pool:
         results = list(pool.map(lambda b: _timed_post(served, b, 120), bodies))
-    assert [s for s, _ in results] == [200] * 64
+    statuses = [s for s, _ in results]
+    assert set(statuses) <= {200, 503} and 200 in statuses, statuses
+    deadline = Limits.from_sources(TEST_LIMITS, env={}).request_timeout_s
+    assert max(t for _, t in results) < deadline, results
 
 
 def _replica_pids(deployment: str) -> list[int]:

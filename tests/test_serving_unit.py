@@ -412,6 +412,9 @@ def test_admission_sheds_what_could_not_finish_before_the_deadline() -> None:
     adm.release(300, completed=False)
     assert adm.in_flight == 0 and adm.rate == 50.0
     adm.admit(10_000)  # an idle service admits any request (the cost budget bounds it)
+    now[0] = 2.5
+    adm.release(10_000, completed=True)  # a whole busy period is a sample, however short
+    assert adm.rate == pytest.approx(0.7 * 50.0 + 0.3 * 10_000 / 0.5)
 
 
 def test_overload_and_stage_errors_are_json_503_with_retry_after() -> None:
