@@ -20,12 +20,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from serving.admission import Overloaded
+from serving.docs import add_docs
 from serving.guards import Guard, JsonErrors
 from serving.images import RequestError
 from serving.limits import Limits
@@ -192,8 +194,13 @@ def make_api(
         version="1",
         description="unCLIP text-to-image on Ray Serve. Images are base64 PNG."
         + (" Send `Authorization: Bearer <key>`." if api_keys else ""),
+        docs_url=None,  # serving.docs: Swagger UI from local assets, no CDN
+        redoc_url=None,
     )
+    add_docs(app)
     _add_error_handlers(app)
+    # the key is checked by Guard; this declares the bearer scheme in the OpenAPI document
+    keyed = [Depends(HTTPBearer(auto_error=False, description="the API key"))] if api_keys else []
     app.add_middleware(
         Guard,  # type: ignore[arg-type]
         max_body_bytes=limits.max_body_bytes,
@@ -201,22 +208,22 @@ def make_api(
     )
     app.add_middleware(JsonErrors)  # type: ignore[arg-type]  # outermost: covers the guard too
 
-    @app.post("/v1/generate", responses=ERRORS)
+    @app.post("/v1/generate", responses=ERRORS, dependencies=keyed)
     async def generate(req: GenerateRequest) -> GenerateResponse:  # type: ignore[valid-type]
         """Generate images from a prompt: text encoder -> prior -> decoder -> upsamplers."""
         return await service.generate(req)
 
-    @app.post("/v1/variations", responses=ERRORS)
+    @app.post("/v1/variations", responses=ERRORS, dependencies=keyed)
     async def variations(req: VariationsRequest) -> GenerateResponse:  # type: ignore[valid-type]
         """Variations of an image that keep its semantics and style (PAPER.md §3)."""
         return await service.variations(req)
 
-    @app.post("/v1/interpolate", responses=ERRORS)
+    @app.post("/v1/interpolate", responses=ERRORS, dependencies=keyed)
     async def interpolate(req: InterpolateRequest) -> GenerateResponse:  # type: ignore[valid-type]
         """Interpolate between two images through their bipartite latents (PAPER.md §3)."""
         return await service.interpolate(req)
 
-    @app.post("/v1/text-diff", responses=ERRORS)
+    @app.post("/v1/text-diff", responses=ERRORS, dependencies=keyed)
     async def text_diff(req: TextDiffRequest) -> GenerateResponse:  # type: ignore[valid-type]
         """Language-guided edit: move the image's CLIP embedding along a text diff."""
         return await service.text_diff(req)

@@ -87,7 +87,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        if self.api_keys and _path(scope) not in OPEN_PATHS and not self._authorized(headers):
+        if self.api_keys and not _open(_path(scope)) and not self._authorized(headers):
             detail = (
                 "authorization: missing or wrong API key; send the header "
                 "'Authorization: Bearer <key>'"
@@ -164,6 +164,10 @@ class JsonErrors:
                 raise
             detail = f"internal error ({type(e).__name__}); the request may be retried"
             await send_json(send, 500, {"detail": detail})
+
+
+def _open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith("/docs/static/")
 
 
 def _path(scope: Scope) -> str:

@@ -441,3 +441,18 @@ def test_overload_and_stage_errors_are_json_503_with_retry_after() -> None:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_docs_work_offline_and_declare_the_bearer_scheme(guarded_url: str) -> None:
+    html = requests.get(f"{guarded_url}/docs", timeout=10).text
+    assert "swagger" in html.lower() and "https://" not in html and "http://" not in html
+    assert 'src="/docs/static/swagger-ui-bundle.js"' in html
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):  # open, like /docs itself
+        r = requests.get(f"{guarded_url}/docs/static/{asset}", timeout=10)
+        assert r.status_code == 200 and len(r.content) > 100_000, asset
+    ok = {"Authorization": "Bearer s3cret"}
+    assert requests.get(f"{guarded_url}/redoc", headers=ok, timeout=10).status_code == 404
+    schema = requests.get(f"{guarded_url}/openapi.json", timeout=10).json()
+    schemes = schema["components"]["securitySchemes"]
+    assert [s["scheme"] for s in schemes.values()] == ["bearer"]
+    assert schema["paths"]["/v1/generate"]["post"]["security"] == [{name: []} for name in schemes]
