@@ -432,9 +432,27 @@ def test_a_replica_killed_mid_request_is_retried_once(served: Served) -> None:
         time.sleep(0.3)
         os.kill(before[0], signal.SIGKILL)
         answers = [f.result() for f in futures]
-    assert [r.status_code for r in answers] == [200] * len(bodies), [r.text for r in answers]
+    # without the retry a call in flight on the killed replica answers 503 (ActorDiedError);
+    # with it, the call waits for the replacement replica: images, or 504 if the replacement
+    # takes longer than the stage timeout (a loaded machine)
+    statuses = [r.status_code for r in answers]
+    assert set(statuses) <= {200, 504}, [r.text for r in answers]
     for r, images in zip(answers, expected, strict=True):
-        assert_close(decode(r.json()["images"]), decode(images))
+        if r.status_code == 200:
+            assert_close(decode(r.json()["images"]), decode(images))
+    _wait_until_ready(served, before[0])
+
+
+def _wait_until_ready(served: Served, killed: int) -> None:
+    """Until Serve has replaced the killed Decoder replica and the service is ready."""
+    deadline = time.monotonic() + 180
+    while True:
+        pids = _replica_pids("Decoder")
+        ready = requests.get(served.url + "/v1/ready", timeout=30).status_code
+        if pids and killed not in pids and ready == 200:
+            return
+        assert time.monotonic() < deadline, (pids, ready)
+        time.sleep(1)
 
 
 @pytest.mark.slow
@@ -460,15 +478,8 @@ def test_killed_replica_is_restarted_and_no_request_hangs(served: Served) -> Non
     assert max(t for _, t in results) < timeout
     assert 200 in statuses
 
-    # Serve replaces the replica; the service is healthy again and serves requests
-    deadline = time.monotonic() + 120
-    while True:
-        pids = _replica_pids("Decoder")
-        health = requests.get(served.url + "/v1/ready", timeout=30).status_code
-        if pids and before[0] not in pids and health == 200:
-            break
-        assert time.monotonic() < deadline, (pids, health)
-        time.sleep(1)
+    # Serve replaces the replica; the service is ready again and serves requests
+    _wait_until_ready(served, before[0])
     assert [_timed_post(served, b, 60)[0] for b in bodies[:4]] == [200] * 4
 
 
