@@ -1,7 +1,7 @@
 """What the stage deployments receive, and how a dynamic batch of them is run.
 
 A request for ``n`` images sends each stage one job of ``n`` rows. ``@serve.batch`` hands a
-stage several jobs at once; jobs whose settings agree (same steps, guidance, ...) are
+stage several jobs at once, up to ``max_batch_size`` rows (``batch_rows``); jobs whose settings agree (same steps, guidance, ...) are
 concatenated into one call of the stage function from ``unclip.pipeline``, and the rows are
 split back per job. A job carries its request's deadline (``time.time()`` seconds): a group
 stops at the next sampling step once the last of its jobs' deadlines has passed, as nobody
@@ -77,6 +77,25 @@ class UpsampleJob:
 
     def key(self) -> Hashable:
         return (self.settings.upsampler_steps, tuple(self.images.shape[1:]))
+
+
+def batch_rows(items: Sequence[object]) -> int:
+    """``@serve.batch(batch_size_fn=...)``: a batch's size in image rows, not in jobs, so
+    ``max_batch_size`` bounds the rows one model call holds. A single job always fits (its
+    rows are bounded by the request limits): it runs alone if it is larger."""
+    if len(items) <= 1:
+        return len(items)
+    return sum(_rows(item) for item in items)
+
+
+def _rows(item: object) -> int:
+    if isinstance(item, PriorJob | DecodeJob | UpsampleJob):
+        return len(item.seeds)
+    if isinstance(item, InvertJob):
+        return len(item.images)
+    if isinstance(item, Tensor):  # a batch of images for the CLIP image encoder
+        return int(item.shape[0])
+    return 1  # a prompt
 
 
 def group_deadline(jobs: Sequence[PriorJob | DecodeJob | InvertJob | UpsampleJob]) -> float | None:

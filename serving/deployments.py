@@ -8,7 +8,8 @@ so the replica's event loop stays free while it computes: Serve's ``check_health
 answer, and fail when a model call is stuck or the GPU is broken.
 
 Batching is tuned per deployment by its ``user_config`` (``serving/config.yaml``):
-``{max_batch_size: 8, batch_wait_timeout_s: 0.01}``; ``max_batch_size: 1`` turns it off.
+``{max_batch_size: 8, batch_wait_timeout_s: 0.01}``; ``max_batch_size`` counts image rows
+(``serving.batching.batch_rows``), not requests; ``max_batch_size: 1`` turns batching off.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from serving.batching import (
     InvertJob,
     PriorJob,
     UpsampleJob,
+    batch_rows,
     cat_text,
     group_deadline,
     run_grouped,
@@ -127,7 +129,7 @@ class TextEncoder(_Stage):
         configs = [load_stage_config(fs.join(bundle, name)) for name in spec.stages[:2]]
         self.with_states = needs_text_states(*configs)
 
-    @serve.batch(**DEFAULT_BATCH)
+    @serve.batch(**DEFAULT_BATCH, batch_size_fn=batch_rows)
     async def encode(self, prompts: list[str]) -> list[tuple[TextCond, str | None]]:
         """Each prompt's conditioning and its warning (None, or why it was truncated)."""
 
@@ -147,7 +149,7 @@ class ImageEncoder(_Stage):
     def __init__(self, bundle: str) -> None:
         self.clip = load_clip(bundle)
 
-    @serve.batch(**DEFAULT_BATCH)
+    @serve.batch(**DEFAULT_BATCH, batch_size_fn=batch_rows)
     async def encode(self, images: list[Tensor]) -> list[Tensor]:
         def run(group: list[Tensor]) -> list[Tensor]:
             emb = self.clip.encode_images(torch.cat(group).to(device()))
@@ -168,7 +170,7 @@ class Prior(_Stage):
         assert isinstance(prior, DiffusionPrior)
         self.prior = prior
 
-    @serve.batch(**DEFAULT_BATCH)
+    @serve.batch(**DEFAULT_BATCH, batch_size_fn=batch_rows)
     async def sample(self, jobs: list[PriorJob]) -> list[Tensor]:
         def run(group: list[PriorJob]) -> list[Tensor]:
             text = cat_text([j.text for j in group])
@@ -192,7 +194,7 @@ class Decoder(_Stage):
         assert isinstance(decoder, DecoderModel)
         self.decoder = decoder
 
-    @serve.batch(**DEFAULT_BATCH)
+    @serve.batch(**DEFAULT_BATCH, batch_size_fn=batch_rows)
     async def sample(self, jobs: list[DecodeJob]) -> list[Tensor]:
         def run(group: list[DecodeJob]) -> list[Tensor]:
             first = group[0]
@@ -209,7 +211,7 @@ class Decoder(_Stage):
 
         return await self._compute(lambda: run_grouped(jobs, DecodeJob.key, run))
 
-    @serve.batch(**DEFAULT_BATCH)
+    @serve.batch(**DEFAULT_BATCH, batch_size_fn=batch_rows)
     async def invert(self, jobs: list[InvertJob]) -> list[Tensor]:
         def run(group: list[InvertJob]) -> list[Tensor]:
             x_T = invert_decoder(
@@ -238,7 +240,7 @@ class Upsampler(_Stage):
         self.upsampler = upsampler
         self.index = index
 
-    @serve.batch(**DEFAULT_BATCH)
+    @serve.batch(**DEFAULT_BATCH, batch_size_fn=batch_rows)
     async def sample(self, jobs: list[UpsampleJob]) -> list[Tensor]:
         def run(group: list[UpsampleJob]) -> list[Tensor]:
             images = sample_upsampler(

@@ -28,6 +28,7 @@ from serving.app import AppArgs, upsampler_names
 from serving.batching import (
     DecodeJob,
     PriorJob,
+    batch_rows,
     cat_text,
     group_deadline,
     run_grouped,
@@ -456,3 +457,15 @@ def test_docs_work_offline_and_declare_the_bearer_scheme(guarded_url: str) -> No
     schemes = schema["components"]["securitySchemes"]
     assert [s["scheme"] for s in schemes.values()] == ["bearer"]
     assert schema["paths"]["/v1/generate"]["post"]["security"] == [{name: []} for name in schemes]
+
+
+def test_a_batch_is_sized_in_image_rows_not_in_jobs() -> None:
+    s = SamplingSettings()
+    text = TextCond(torch.randn(1, 3))
+    jobs = [PriorJob(text, list(range(n)), s) for n in (3, 4, 1)]
+    assert batch_rows(jobs) == 8 and batch_rows(jobs[:2]) == 7
+    assert batch_rows([jobs[1]]) == 1  # one job always fits: it runs alone if larger
+    assert batch_rows([torch.zeros(2, 3, 8, 8), torch.zeros(5, 3, 8, 8)]) == 7
+    assert batch_rows(["a prompt", "another"]) == 2 and batch_rows([]) == 0
+    decode = DecodeJob(torch.randn(2, 3), None, [0, 1], s)
+    assert batch_rows([decode, decode]) == 4
