@@ -7,38 +7,44 @@ OpenAPI schema at ``/openapi.json`` shows the real bounds. Every error is JSON
 
     400 malformed JSON / bad Content-Length    401 missing or wrong API key
     413 body or image too large                422 a field is invalid (named in ``detail``)
-    503 a stage is unavailable (retry)         504 a stage took longer than ``stage_timeout_s``
+    500 a bug (logged; never plain text)       503 a stage is unavailable (retry)
+    504 a stage took longer than ``stage_timeout_s``
 
 With an API key, every route needs ``Authorization: Bearer <key>`` except the open ones
-(``OPEN_PATHS``: the page, health for probes, and the API docs).
+(``serving.guards.OPEN_PATHS``: the page, health for probes, and the API docs). The key and
+the body size are checked by ``serving.guards.Guard`` before any parsing.
 """
 
-import hmac
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from serving.admission import Overloaded
+from serving.docs import add_docs
+from serving.guards import Guard, JsonErrors
 from serving.images import RequestError
 from serving.limits import Limits
 
 logger = logging.getLogger("ray.serve")
 
 MAX_SEED = 2**32 - 1
-OPEN_PATHS = frozenset({"/", "/v1/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
 PAGE = Path(__file__).parent / "static" / "index.html"
 
 
 class StageError(Exception):
     """A stage could not answer: unavailable (503) or too slow (504)."""
 
-    def __init__(self, stage: str, message: str, status: int = 503) -> None:
+    def __init__(self, stage: str, message: str, status: int = 503, retry_after_s: int = 1) -> None:
         super().__init__(f"{stage}: {message}")
         self.status = status
+        self.retry_after_s = retry_after_s
 
 
 # ---------------------------------------------------------------------- models
@@ -63,9 +69,17 @@ class GenerateResponse(BaseModel):
     )
 
 
-class HealthResponse(BaseModel):
-    status: str = Field(description="'ok' when every stage answers, else 'unavailable'")
-    stages: dict[str, str]
+class LivenessResponse(BaseModel):
+    status: str = Field(description="'ok': the ingress answers (no stage is asked)")
+
+
+class ReadinessResponse(BaseModel):
+    status: str = Field(
+        description="'ready' when every stage has a running replica, else 'not ready'"
+    )
+    stages: dict[str, str] = Field(
+        description="per stage: 'ok', or its Serve status and running replicas"
+    )
 
 
 class RequestModels:
@@ -156,19 +170,19 @@ class Service(Protocol):
     async def variations(self, req: Any) -> GenerateResponse: ...
     async def interpolate(self, req: Any) -> GenerateResponse: ...
     async def text_diff(self, req: Any) -> GenerateResponse: ...
-    async def health(self) -> tuple[bool, dict[str, str]]: ...
+    async def readiness(self) -> tuple[bool, dict[str, str]]: ...
 
 
 # ---------------------------------------------------------------------- app
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 500, 503, 504)
 }
 
 
 def make_api(
     service: Service,
     limits: Limits,
-    api_key: str | None = None,
+    api_keys: Sequence[str] = (),
     page_config: dict[str, Any] | None = None,
 ) -> FastAPI:
     """The FastAPI app of the ingress: routes call ``service``; checks happen here."""
@@ -179,42 +193,59 @@ def make_api(
         title="unclip-ray",
         version="1",
         description="unCLIP text-to-image on Ray Serve. Images are base64 PNG."
-        + (" Send `Authorization: Bearer <key>`." if api_key else ""),
+        + (" Send `Authorization: Bearer <key>`." if api_keys else ""),
+        docs_url=None,  # serving.docs: Swagger UI from local assets, no CDN
+        redoc_url=None,
     )
+    add_docs(app)
     _add_error_handlers(app)
-    _add_guards(app, limits, api_key)
+    # the key is checked by Guard; this declares the bearer scheme in the OpenAPI document
+    keyed = [Depends(HTTPBearer(auto_error=False, description="the API key"))] if api_keys else []
+    app.add_middleware(
+        Guard,  # type: ignore[arg-type]
+        max_body_bytes=limits.max_body_bytes,
+        api_keys=api_keys,
+    )
+    app.add_middleware(JsonErrors)  # type: ignore[arg-type]  # outermost: covers the guard too
 
-    @app.post("/v1/generate", responses=ERRORS)
+    @app.post("/v1/generate", responses=ERRORS, dependencies=keyed)
     async def generate(req: GenerateRequest) -> GenerateResponse:  # type: ignore[valid-type]
         """Generate images from a prompt: text encoder -> prior -> decoder -> upsamplers."""
         return await service.generate(req)
 
-    @app.post("/v1/variations", responses=ERRORS)
+    @app.post("/v1/variations", responses=ERRORS, dependencies=keyed)
     async def variations(req: VariationsRequest) -> GenerateResponse:  # type: ignore[valid-type]
         """Variations of an image that keep its semantics and style (docs/method.md)."""
         return await service.variations(req)
 
-    @app.post("/v1/interpolate", responses=ERRORS)
+    @app.post("/v1/interpolate", responses=ERRORS, dependencies=keyed)
     async def interpolate(req: InterpolateRequest) -> GenerateResponse:  # type: ignore[valid-type]
         """Interpolate between two images through their bipartite latents (docs/method.md)."""
         return await service.interpolate(req)
 
-    @app.post("/v1/text-diff", responses=ERRORS)
+    @app.post("/v1/text-diff", responses=ERRORS, dependencies=keyed)
     async def text_diff(req: TextDiffRequest) -> GenerateResponse:  # type: ignore[valid-type]
         """Language-guided edit: move the image's CLIP embedding along a text diff."""
         return await service.text_diff(req)
 
-    @app.get("/v1/health", responses={503: {"model": HealthResponse}})
-    async def health() -> HealthResponse:
-        """Readiness: 200 when every stage deployment answers, else 503."""
-        ok, stages = await service.health()
-        body = HealthResponse(status="ok" if ok else "unavailable", stages=stages)
+    @app.get("/v1/health")
+    async def health() -> LivenessResponse:
+        """Liveness (a Kubernetes ``livenessProbe``): 200 while the ingress answers HTTP.
+        Asks no stage, so it stays fast however busy the stages are."""
+        return LivenessResponse(status="ok")
+
+    @app.get("/v1/ready", responses={503: {"model": ReadinessResponse}})
+    async def ready() -> ReadinessResponse:
+        """Readiness (a ``readinessProbe``, a load balancer's health check): 200 when every
+        stage has a running replica, per Serve's own health checks, else 503."""
+        ok, stages = await service.readiness()
+        body = ReadinessResponse(status="ready" if ok else "not ready", stages=stages)
         if not ok:
             return JSONResponse(body.model_dump(), status_code=503)  # type: ignore[return-value]
         return body
 
     page = PAGE.read_text().replace(
-        "/*PAGE_CONFIG*/{}", _json({**(page_config or {}), "auth": bool(api_key)})
+        "/*PAGE_CONFIG*/{}", _json({**(page_config or {}), "auth": bool(api_keys)})
     )
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -230,7 +261,7 @@ def _json(obj: Any) -> str:
     return json.dumps(obj).replace("<", "\\u003c")
 
 
-# ---------------------------------------------------------------------- errors and guards
+# ---------------------------------------------------------------------- errors
 def _field(loc: tuple[Any, ...]) -> str:
     """("body", "num_images") -> "num_images"; ("body",) -> "body"."""
     parts = [str(p) for p in loc]
@@ -263,49 +294,12 @@ def _add_error_handlers(app: FastAPI) -> None:
             status_code=exc.status,
         )
 
+    @app.exception_handler(Overloaded)
+    async def overloaded(_: Request, exc: Overloaded) -> JSONResponse:
+        headers = {"Retry-After": str(int(exc.retry_after_s))}
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers=headers)
+
     @app.exception_handler(StageError)
     async def stage_error(_: Request, exc: StageError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.status == 503 else None
         return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
-
-
-def _add_guards(app: FastAPI, limits: Limits, api_key: str | None) -> None:
-    """API key (401) and request body size (413) checks, before any parsing."""
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Any:
-        path = request.scope["path"]
-        root = request.scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :] or "/"
-        if api_key and path not in OPEN_PATHS and not _authorized(request, api_key):
-            return JSONResponse(
-                {
-                    "detail": "authorization: missing or wrong API key; send the header "
-                    "'Authorization: Bearer <key>'"
-                },
-                status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        length = request.headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                return JSONResponse(
-                    {"detail": f"content-length: not a number: {length!r}"}, status_code=400
-                )
-            if int(length) > limits.max_body_bytes:
-                return JSONResponse(
-                    {
-                        "detail": f"body: {length} bytes, over the limit of "
-                        f"{limits.max_body_bytes} bytes"
-                    },
-                    status_code=413,
-                )
-        return await call_next(request)
-
-
-def _authorized(request: Request, api_key: str) -> bool:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        token.strip().encode(), api_key.encode()
-    )

@@ -8,19 +8,17 @@
                        └─ ImageEncoder ───────────┘ (variations: invert + decode)
 """
 
-import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
 from serving.deployments import Decoder, ImageEncoder, Prior, TextEncoder, Upsampler
+from serving.guards import API_KEY_ENV, API_KEY_FILE_ENV
 from serving.ingress import Ingress
 from serving.limits import Limits
 from unclip.checkpoint import read_bundle_spec
 from unclip.config import to_dict
-
-API_KEY_ENV = "UNCLIP_API_KEY"
 
 
 class AppArgs(BaseModel):
@@ -33,7 +31,9 @@ class AppArgs(BaseModel):
     )
     api_key: str | None = Field(
         default=None,
-        description=f"Bearer token required by the API; default: ${API_KEY_ENV} if set",
+        description=f"a Bearer token the API accepts, beside ${API_KEY_ENV} and "
+        f"${API_KEY_FILE_ENV} of the ingress replica; prefer those: args are shown in the "
+        "Serve config and the dashboard",
     )
 
 
@@ -58,5 +58,5 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
         upsamplers,
         bundle=a.bundle,
         limits=to_dict(limits),
-        api_key=a.api_key or os.environ.get(API_KEY_ENV) or None,
+        api_key=a.api_key,
     )

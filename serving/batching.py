@@ -1,9 +1,11 @@
 """What the stage deployments receive, and how a dynamic batch of them is run.
 
 A request for ``n`` images sends each stage one job of ``n`` rows. ``@serve.batch`` hands a
-stage several jobs at once; jobs whose settings agree (same steps, guidance, ...) are
+stage several jobs at once, up to ``max_batch_size`` rows (``batch_rows``); jobs whose settings agree (same steps, guidance, ...) are
 concatenated into one call of the stage function from ``unclip.pipeline``, and the rows are
-split back per job. Every row carries its own seed (``unclip.pipeline.image_seeds``), so an
+split back per job. A job carries its request's deadline (``time.time()`` seconds): a group
+stops at the next sampling step once the last of its jobs' deadlines has passed, as nobody
+waits for its rows any more. Every row carries its own seed (``unclip.pipeline.image_seeds``), so an
 image does not depend on which other requests shared its batch.
 """
 
@@ -28,6 +30,7 @@ class PriorJob:
     text: TextCond  # (n, ...) one row per image
     seeds: list[int]  # (n,) per-image seeds
     settings: SamplingSettings
+    deadline: float | None = None
 
     def key(self) -> Hashable:
         s = self.settings
@@ -41,6 +44,7 @@ class DecodeJob:
     seeds: list[int]
     settings: SamplingSettings
     noise: Tensor | None = None  # (n, 3, S, S) fixed x_T (variations), else drawn per seed
+    deadline: float | None = None
 
     def key(self) -> Hashable:
         s = self.settings
@@ -58,6 +62,7 @@ class InvertJob:
     images: Tensor  # (n, 3, S, S) in [-1, 1] at the decoder's resolution
     image_emb: Tensor  # (n, D)
     settings: SamplingSettings
+    deadline: float | None = None
 
     def key(self) -> Hashable:
         return (self.settings.decoder_steps, self.settings.decoder_guidance_scale)
@@ -68,9 +73,35 @@ class UpsampleJob:
     images: Tensor  # (n, 3, s, s) in [-1, 1]
     seeds: list[int]
     settings: SamplingSettings
+    deadline: float | None = None
 
     def key(self) -> Hashable:
         return (self.settings.upsampler_steps, tuple(self.images.shape[1:]))
+
+
+def batch_rows(items: Sequence[object]) -> int:
+    """``@serve.batch(batch_size_fn=...)``: a batch's size in image rows, not in jobs, so
+    ``max_batch_size`` bounds the rows one model call holds. A single job always fits (its
+    rows are bounded by the request limits): it runs alone if it is larger."""
+    if len(items) <= 1:
+        return len(items)
+    return sum(_rows(item) for item in items)
+
+
+def _rows(item: object) -> int:
+    if isinstance(item, PriorJob | DecodeJob | UpsampleJob):
+        return len(item.seeds)
+    if isinstance(item, InvertJob):
+        return len(item.images)
+    if isinstance(item, Tensor):  # a batch of images for the CLIP image encoder
+        return int(item.shape[0])
+    return 1  # a prompt
+
+
+def group_deadline(jobs: Sequence[PriorJob | DecodeJob | InvertJob | UpsampleJob]) -> float | None:
+    """When a group's work is no longer wanted: the latest of its jobs' deadlines."""
+    deadlines = [j.deadline for j in jobs]
+    return None if None in deadlines else max(deadlines)  # type: ignore[type-var]
 
 
 def run_grouped(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ipaddress
 import os
 import shlex
 import signal
@@ -19,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from serving.app import API_KEY_ENV, upsampler_names
+from serving.app import upsampler_names
+from serving.guards import API_KEY_ENV, API_KEY_FILE_ENV, API_KEY_REQUIRED_ENV, read_api_keys
 from unclip.checkpoint import read_bundle_spec
 from unclip.errors import UserError
 
@@ -46,15 +48,16 @@ def serve_config(
     bundle: str,
     host: str | None = None,
     port: int | None = None,
-    api_key: str | None = None,
+    require_api_key: bool = False,
     gpus: float = 0.0,
 ) -> Any:
     """The config for this bundle, as a validated ``ServeDeploySchema``.
 
     Sets the unclip application's ``args.bundle`` (made absolute if local) and the HTTP host
-    and port; keeps only the ``UpsamplerN`` entries the bundle has; forwards ``api_key``
-    through the application's runtime_env (``UNCLIP_API_KEY``); with ``gpus`` > 0 gives
-    each model deployment without ``num_gpus`` an equal share of one GPU.
+    and port; keeps only the ``UpsamplerN`` entries the bundle has; with ``require_api_key``
+    the ingress refuses to start without a key in its environment (the key itself is never
+    put in the config: the dashboard shows it); with ``gpus`` > 0 gives each model
+    deployment without ``num_gpus`` an equal share of one GPU.
     """
     from ray.serve.schema import ServeDeploySchema
 
@@ -78,9 +81,9 @@ def serve_config(
         for d in app.get("deployments", [])
         if not d["name"].startswith("Upsampler") or d["name"] in keep
     ]
-    if api_key:
+    if require_api_key:
         env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
-        env[API_KEY_ENV] = api_key
+        env[API_KEY_REQUIRED_ENV] = "1"
     if gpus > 0:
         models = [d for d in app["deployments"] if d["name"] != INGRESS]
         share = round(1.0 / max(1, len(models)), 3)
@@ -147,7 +150,7 @@ def usage(url: str, api_key: bool) -> str:
         [
             f"  web page:  {url}/",
             f"  API docs:  {url}/docs",
-            f"  health:    curl {url}/v1/health",
+            f"  health:    curl {url}/v1/health   (readiness: {url}/v1/ready)",
             f"  generate:  curl -s {url}/v1/generate -H 'Content-Type: application/json'{auth} "
             f"-d {shlex.quote(body)} | {save}",
         ]
@@ -168,15 +171,39 @@ def set_serve_env_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: may resolve to any interface
+
+
+def check_exposure(host: str, has_key: bool, insecure_no_api_key: bool) -> None:
+    """Refuse to serve beyond this machine without an API key, unless told to."""
+    from unclip.cli import UserError
+
+    if has_key or insecure_no_api_key or is_loopback(host):
+        return
+    raise UserError(
+        f"--host {host} makes the API reachable from other machines, and no API key is set: "
+        f"set {API_KEY_ENV} (or {API_KEY_FILE_ENV}), or pass --insecure-no-api-key to serve "
+        "without one"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
     from ray.serve._private.constants import SERVE_NAMESPACE
 
+    config = load_config(args.config)
+    api_key = bool(read_api_keys())  # the replicas of our local Ray inherit this environment
+    host = args.host or config.get("http_options", {}).get("host") or "127.0.0.1"
+    check_exposure(host, api_key, args.insecure_no_api_key)
     bundle = args.bundle
     spec = read_bundle_spec(bundle if "://" in bundle else os.path.abspath(bundle))
-    config = load_config(args.config)
-    api_key = os.environ.get(API_KEY_ENV) or None
     started_ray = not ray.is_initialized()
     if started_ray:
         set_serve_env_defaults()
@@ -206,7 +233,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nserving at {url} (bound to {host})", flush=True)
         print(usage(url, bool(api_key)), flush=True)
         if api_key:
-            print(f"  API key:   required (from ${API_KEY_ENV}); /v1/health and / stay open")
+            print(
+                f"  API key:   required (from ${API_KEY_ENV} / ${API_KEY_FILE_ENV}); "
+                "/v1/health, /v1/ready and / stay open"
+            )
         print("Ctrl-C to stop.", flush=True)
         while not stop.wait(1.0):
             pass

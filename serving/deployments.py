@@ -4,15 +4,18 @@ CLIP text encoder, CLIP image encoder, prior, decoder (sampling and DDIM inversi
 deployment per upsampler. Each batched method is ``@serve.batch``: concurrent requests are
 grouped (``serving.batching``) and run through the stage functions of ``unclip.pipeline``,
 the same code ``unclip generate`` runs in-process. The model call runs in a worker thread
-so the replica keeps answering ``ready()`` (health) while it computes.
+so the replica's event loop stays free while it computes: Serve's ``check_health`` calls
+answer, and fail when a model call is stuck or the GPU is broken.
 
 Batching is tuned per deployment by its ``user_config`` (``serving/config.yaml``):
-``{max_batch_size: 8, batch_wait_timeout_s: 0.01}``; ``max_batch_size: 1`` turns it off.
+``{max_batch_size: 8, batch_wait_timeout_s: 0.01}``; ``max_batch_size`` counts image rows
+(``serving.batching.batch_rows``), not requests; ``max_batch_size: 1`` turns batching off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +28,9 @@ from serving.batching import (
     InvertJob,
     PriorJob,
     UpsampleJob,
+    batch_rows,
     cat_text,
+    group_deadline,
     run_grouped,
     split_rows,
     text_rows,
@@ -42,12 +47,14 @@ from unclip.pipeline import (
     sample_decoder,
     sample_prior,
     sample_upsampler,
+    stop_at,
 )
 from unclip.prior import DiffusionPrior
 from unclip.upsampler import Upsampler as UpsamplerModel
 
 DEFAULT_BATCH = {"max_batch_size": 8, "batch_wait_timeout_s": 0.01}
 CPU_OPTIONS = {"num_cpus": 0.25}
+STUCK_AFTER_S = 600.0  # a model call running longer than this fails the health check
 
 
 def device() -> str:
@@ -61,13 +68,38 @@ def load_clip(bundle: str) -> Clip:
 
 
 class _Stage:
-    """Shared by the model deployments: readiness and batch settings from ``user_config``."""
+    """Shared by the model deployments: health check, batch settings from ``user_config``."""
 
     _batched: tuple[str, ...] = ()
+    stuck_after_s: float = STUCK_AFTER_S
 
-    async def ready(self) -> str:
-        """Cheap call for the ingress's readiness check (not batched, not blocked by compute)."""
-        return "ok"
+    def check_health(self) -> None:
+        """Serve's periodic health check: a replica that fails it is replaced (and is not
+        counted as running in the ingress's ``/v1/ready``)."""
+        running = getattr(self, "_running", {})
+        oldest = min(running.values(), default=None)
+        if oldest is not None and time.monotonic() - oldest > self.stuck_after_s:
+            raise RuntimeError(
+                f"a model call has been running for {time.monotonic() - oldest:.0f} s "
+                f"(limit {self.stuck_after_s:g} s): the replica is stuck"
+            )
+        if device() == "cuda":
+            torch.cuda.synchronize()  # raises if the CUDA context is broken
+
+    async def _compute(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` without gradients in a worker thread, tracked for ``check_health``."""
+        running: dict[int, float] = self.__dict__.setdefault("_running", {})
+        key = id(fn)
+        running[key] = time.monotonic()
+
+        def call() -> Any:
+            with torch.no_grad():
+                return fn()
+
+        try:
+            return await asyncio.to_thread(call)
+        finally:
+            running.pop(key, None)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         unknown = set(config) - set(DEFAULT_BATCH)
@@ -85,14 +117,6 @@ class _Stage:
             method.set_batch_wait_timeout_s(wait)
 
 
-async def _in_thread(fn: Callable[[], Any]) -> Any:
-    def call() -> Any:
-        with torch.no_grad():
-            return fn()
-
-    return await asyncio.to_thread(call)
-
-
 @serve.deployment(ray_actor_options=CPU_OPTIONS, max_ongoing_requests=16)
 class TextEncoder(_Stage):
     """Prompts -> CLIP text conditioning (embedding, and token states if a stage reads them)."""
@@ -105,7 +129,7 @@ class TextEncoder(_Stage):
         configs = [load_stage_config(fs.join(bundle, name)) for name in spec.stages[:2]]
         self.with_states = needs_text_states(*configs)
 
-    @serve.batch(**DEFAULT_BATCH)
+    @serve.batch(**DEFAULT_BATCH, batch_size_fn=batch_rows)
     async def encode(self, prompts: list[str]) -> list[tuple[TextCond, str | None]]:
         """Each prompt's conditioning and its warning (None, or why it was truncated)."""
 
@@ -113,7 +137,7 @@ class TextEncoder(_Stage):
             text, notes = encode_prompts_noting(self.clip, list(prompts), self.with_states)
             return list(zip(text_rows(text, [1] * len(prompts)), notes, strict=True))
 
-        return await _in_thread(run)
+        return await self._compute(run)
 
 
 @serve.deployment(ray_actor_options=CPU_OPTIONS, max_ongoing_requests=16)
@@ -125,13 +149,13 @@ class ImageEncoder(_Stage):
     def __init__(self, bundle: str) -> None:
         self.clip = load_clip(bundle)
 
-    @serve.batch(**DEFAULT_BATCH)
+    @serve.batch(**DEFAULT_BATCH, batch_size_fn=batch_rows)
     async def encode(self, images: list[Tensor]) -> list[Tensor]:
         def run(group: list[Tensor]) -> list[Tensor]:
             emb = self.clip.encode_images(torch.cat(group).to(device()))
             return split_rows(emb, [len(x) for x in group])
 
-        return await _in_thread(lambda: run_grouped(images, lambda x: tuple(x.shape[1:]), run))
+        return await self._compute(lambda: run_grouped(images, lambda x: tuple(x.shape[1:]), run))
 
 
 @serve.deployment(ray_actor_options=CPU_OPTIONS, max_ongoing_requests=16)
@@ -146,15 +170,16 @@ class Prior(_Stage):
         assert isinstance(prior, DiffusionPrior)
         self.prior = prior
 
-    @serve.batch(**DEFAULT_BATCH)
+    @serve.batch(**DEFAULT_BATCH, batch_size_fn=batch_rows)
     async def sample(self, jobs: list[PriorJob]) -> list[Tensor]:
         def run(group: list[PriorJob]) -> list[Tensor]:
             text = cat_text([j.text for j in group])
             seeds = [s for j in group for s in j.seeds]
-            emb = sample_prior(self.prior, text, seeds, group[0].settings)
+            stop = stop_at(group_deadline(group))
+            emb = sample_prior(self.prior, text, seeds, group[0].settings, progress=stop)
             return split_rows(emb, [len(j.seeds) for j in group])
 
-        return await _in_thread(lambda: run_grouped(jobs, PriorJob.key, run))
+        return await self._compute(lambda: run_grouped(jobs, PriorJob.key, run))
 
 
 @serve.deployment(ray_actor_options=CPU_OPTIONS, max_ongoing_requests=16)
@@ -169,7 +194,7 @@ class Decoder(_Stage):
         assert isinstance(decoder, DecoderModel)
         self.decoder = decoder
 
-    @serve.batch(**DEFAULT_BATCH)
+    @serve.batch(**DEFAULT_BATCH, batch_size_fn=batch_rows)
     async def sample(self, jobs: list[DecodeJob]) -> list[Tensor]:
         def run(group: list[DecodeJob]) -> list[Tensor]:
             first = group[0]
@@ -180,12 +205,13 @@ class Decoder(_Stage):
                 [s for j in group for s in j.seeds],
                 first.settings,
                 noise=None if first.noise is None else torch.cat([j.noise for j in group]),  # type: ignore[misc]
+                progress=stop_at(group_deadline(group)),
             )
             return split_rows(images, [len(j.seeds) for j in group])
 
-        return await _in_thread(lambda: run_grouped(jobs, DecodeJob.key, run))
+        return await self._compute(lambda: run_grouped(jobs, DecodeJob.key, run))
 
-    @serve.batch(**DEFAULT_BATCH)
+    @serve.batch(**DEFAULT_BATCH, batch_size_fn=batch_rows)
     async def invert(self, jobs: list[InvertJob]) -> list[Tensor]:
         def run(group: list[InvertJob]) -> list[Tensor]:
             x_T = invert_decoder(
@@ -193,10 +219,11 @@ class Decoder(_Stage):
                 torch.cat([j.images for j in group]),
                 torch.cat([j.image_emb for j in group]),
                 group[0].settings,
+                progress=stop_at(group_deadline(group)),
             )
             return split_rows(x_T, [len(j.images) for j in group])
 
-        return await _in_thread(lambda: run_grouped(jobs, InvertJob.key, run))
+        return await self._compute(lambda: run_grouped(jobs, InvertJob.key, run))
 
 
 @serve.deployment(ray_actor_options=CPU_OPTIONS, max_ongoing_requests=16)
@@ -213,7 +240,7 @@ class Upsampler(_Stage):
         self.upsampler = upsampler
         self.index = index
 
-    @serve.batch(**DEFAULT_BATCH)
+    @serve.batch(**DEFAULT_BATCH, batch_size_fn=batch_rows)
     async def sample(self, jobs: list[UpsampleJob]) -> list[Tensor]:
         def run(group: list[UpsampleJob]) -> list[Tensor]:
             images = sample_upsampler(
@@ -222,7 +249,8 @@ class Upsampler(_Stage):
                 [s for j in group for s in j.seeds],
                 group[0].settings,
                 self.index,
+                progress=stop_at(group_deadline(group)),
             )
             return split_rows(images, [len(j.seeds) for j in group])
 
-        return await _in_thread(lambda: run_grouped(jobs, UpsampleJob.key, run))
+        return await self._compute(lambda: run_grouped(jobs, UpsampleJob.key, run))

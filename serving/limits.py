@@ -30,6 +30,10 @@ class Limits:
     max_image_bytes: int = 4 * 1024 * 1024  # decoded size of an uploaded image
     max_image_pixels: int = 4096 * 4096  # width * height of an uploaded image (from its header)
     stage_timeout_s: float = 60.0  # one stage call; a stage that takes longer answers 504
+    request_timeout_s: float = 90.0  # a whole request (all its stages); then 504, work stops
+    # network evaluations of one image row a request may ask for, over all its stages
+    # (serving.cost): 8 images at default settings cost about 2,000
+    max_request_cost: int = 10_000
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

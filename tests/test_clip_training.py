@@ -324,3 +324,22 @@ def test_hard_negative_batches_group_images_that_differ_only_in_shape() -> None:
     two = [worker_batches(n, 16, r, 2, seed=1, groups=groups) for r in range(2)]
     (_, r0), (_, r1) = next(two[0]), next(two[1])
     assert sorted([*r0, *r1]) == sorted(epoch[0].tolist())
+
+
+def test_temporary_cloud_credentials_are_not_frozen_into_the_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ray keeps the run's storage filesystem (pickled with its options): long-lived keys may
+    be passed on to the workers, a session token (which expires) must not."""
+    from training.clip import storage_filesystem
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDLONGLIVED")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "long-lived-secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "temporary-session-token")
+    filesystem, path = storage_filesystem("s3://bucket/runs")
+    saved = repr(filesystem.__reduce__())
+    assert path == "bucket/runs"
+    assert "temporary-session-token" not in saved and "long-lived-secret" not in saved
+    monkeypatch.delenv("AWS_SESSION_TOKEN")
+    filesystem, _ = storage_filesystem("s3://bucket/runs")
+    assert "AKIDLONGLIVED" in repr(filesystem.__reduce__())

@@ -106,3 +106,13 @@ def test_rayservice_serves_the_serving_config_with_its_bundle() -> None:
         cfg["http_options"].pop("host")
         cfg["applications"][0]["args"].pop("bundle")
     assert served == local
+
+
+def test_rayservice_probes_use_liveness_and_readiness() -> None:
+    """Kubernetes restarts a pod on the cheap liveness route only; traffic follows readiness."""
+    for cluster in _cluster_specs(_manifest("rayservice.yaml")):
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            for container in group["template"]["spec"]["containers"]:
+                assert container["livenessProbe"]["httpGet"] == {"path": "/v1/health", "port": 8000}
+                assert container["startupProbe"]["httpGet"]["path"] == "/v1/health"
+                assert container["readinessProbe"]["httpGet"] == {"path": "/v1/ready", "port": 8000}

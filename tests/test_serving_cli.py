@@ -62,12 +62,23 @@ def test_unclip_serve_bad_bundle_is_one_line(tmp_path: Path) -> None:
     assert out.strip().splitlines()[-1].startswith("error: ") and "not a bundle" in out
 
 
+def test_unclip_serve_on_all_interfaces_without_a_key_is_refused(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNCLIP_API_KEY")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = _unclip("serve", "--bundle", str(tmp_path), "--host", "0.0.0.0", env=env)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error: --host 0.0.0.0") and "--insecure-no-api-key" in last
+
+
 @pytest.mark.slow
 def test_unclip_serve_with_api_key_end_to_end(tmp_path: Path) -> None:
     bundle = make_tiny_bundle(str(tmp_path))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
-    env.update(PYTHONPATH=str(ROOT), UNCLIP_API_KEY="let-me-in")
+    # a key as read from a Secret file ends in a newline; a second key for rotation
+    env.update(PYTHONPATH=str(ROOT), UNCLIP_API_KEY="let-me-in\n,next-key")
     proc = _unclip("serve", "--bundle", bundle, "--port", str(port), env=env)
     seen: list[str] = []
     try:
@@ -85,6 +96,9 @@ def test_unclip_serve_with_api_key_end_to_end(tmp_path: Path) -> None:
         key = {"Authorization": "Bearer let-me-in"}
         r = requests.post(f"{url}/v1/generate", json=body, headers=key, timeout=60)
         assert r.status_code == 200 and len(r.json()["images"]) == 1
+        key = {"Authorization": "Bearer next-key"}
+        r = requests.post(f"{url}/v1/generate", json=body, headers=key, timeout=60)
+        assert r.status_code == 200
         assert requests.get(f"{url}/", timeout=30).status_code == 200
     finally:
         if proc.poll() is None:

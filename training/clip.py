@@ -64,7 +64,7 @@ from training.runs import (
     run_location,
 )
 from unclip import fs, numerics
-from unclip.checkpoint import TRAIN_STATE
+from unclip.checkpoint import COMMIT, TRAIN_STATE, write_commit
 from unclip.clip import OPENAI_MEAN, OPENAI_STD, Clip, save_clip_checkpoint
 from unclip.config import ConfigError
 from unclip.errors import UserError
@@ -101,6 +101,7 @@ def write_checkpoint(
     buf = io.BytesIO()
     torch.save(train_state(model, optimizer, step), buf)
     fs.write_bytes(fs.join(directory, TRAIN_STATE), buf.getvalue())
+    write_commit(directory, sorted(set(fs.listdir(directory)) - {COMMIT}))
 
 
 # ---------------------------------------------------------------------- the worker loop
@@ -405,18 +406,21 @@ def shape_groups(folder: str, ids: list[str]) -> dict[str, np.ndarray]:
 
 
 def storage_filesystem(uri: str) -> tuple[Any, str]:
-    """``fs.pyarrow_fs`` for RunConfig. For s3, credentials set in the driver's environment
-    are given explicitly, so workers whose environment lacks them (a Ray started before they
-    were set) still reach the same endpoint with the same identity."""
+    """``fs.pyarrow_fs`` for RunConfig. For s3, long-lived credentials set in the driver's
+    environment are given explicitly, so workers whose environment lacks them (a Ray started
+    before they were set) still reach the same endpoint with the same identity.
+
+    Temporary credentials (with ``AWS_SESSION_TOKEN``) are not: Ray keeps this filesystem
+    with the run, and a frozen token would expire under a long run or a later ``--resume``.
+    Each process then takes credentials from its own chain (environment, profile, instance
+    or pod role), which refreshes them."""
     filesystem, path = fs.pyarrow_fs(uri)
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if not uri.startswith("s3://") or not (key and secret):
+    if not uri.startswith("s3://") or not (key and secret) or os.environ.get("AWS_SESSION_TOKEN"):
         return filesystem, path
     import pyarrow.fs as pafs
 
     kwargs: dict[str, Any] = {"access_key": key, "secret_key": secret}
-    if os.environ.get("AWS_SESSION_TOKEN"):
-        kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
     if fs.s3_endpoint():
         kwargs["endpoint_override"] = fs.s3_endpoint()
         if fs.s3_endpoint().startswith("http://"):

@@ -5,11 +5,16 @@ A stage checkpoint is a directory (local or ``s3://``):
     model.safetensors  EMA weights (what sampling uses)
     train_state.pt     optional, for resuming: raw weights, optimizer, step, RNG
                        (tensors and plain containers only; loaded with weights_only=True)
+    commit.json        written last: the name, size and SHA-256 of every file above. A
+                       checkpoint without it is incomplete (a crash while writing), one whose
+                       files differ from it is damaged; neither is resumed from. Checkpoints
+                       written before commit markers existed have none and load as before.
 A bundle is a directory with ``bundle.json`` and one subdirectory per stage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from dataclasses import asdict, dataclass, field
@@ -37,6 +42,8 @@ from unclip.models import StageModel, build_model
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 TRAIN_STATE = "train_state.pt"
+COMMIT = "commit.json"
+COMMIT_FORMAT = 1
 BUNDLE = "bundle.json"
 BUNDLE_FORMAT = 1
 
@@ -54,16 +61,81 @@ def save_stage(
 ) -> None:
     """Write a stage checkpoint directory. ``weights``: the (EMA) state_dict to sample with.
 
-    The config is written last, so a directory with ``config.json`` is complete.
+    The config comes after the weights, and the commit marker (``commit.json``) last.
     """
     fs.makedirs(uri)
     tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-    fs.write_bytes(fs.join(uri, WEIGHTS), save_safetensors(tensors))
+    files = {WEIGHTS: save_safetensors(tensors)}
     if train_state is not None:
         buf = io.BytesIO()
         torch.save(train_state, buf)
-        fs.write_bytes(fs.join(uri, TRAIN_STATE), buf.getvalue())
-    fs.write_text(fs.join(uri, CONFIG), json.dumps(to_dict(config), indent=2))
+        files[TRAIN_STATE] = buf.getvalue()
+    files[CONFIG] = json.dumps(to_dict(config), indent=2).encode()
+    for name, data in files.items():
+        fs.write_bytes(fs.join(uri, name), data)
+    write_commit(uri, files)
+
+
+def write_commit(uri: str, files: dict[str, bytes] | list[str]) -> None:
+    """Mark the checkpoint at ``uri`` complete: ``commit.json`` with the name, size and SHA-256
+    of each file (given as bytes, or as names to read back). Call it after every file is
+    written."""
+    if not isinstance(files, dict):
+        files = {name: fs.read_bytes(fs.join(uri, name)) for name in files}
+    entries = {
+        name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        for name, data in files.items()
+    }
+    fs.write_text(fs.join(uri, COMMIT), json.dumps({"format": COMMIT_FORMAT, "files": entries}))
+
+
+def read_commit(uri: str) -> dict[str, dict[str, Any]] | None:
+    """``{file name: {"size", "sha256"}}`` from a checkpoint's commit marker; None without one."""
+    try:
+        data = json.loads(fs.read_text(fs.join(uri, COMMIT)))
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise CheckpointError(f"{fs.join(uri, COMMIT)} is not valid JSON ({e})") from None
+    if data.get("format") != COMMIT_FORMAT or not isinstance(data.get("files"), dict):
+        raise CheckpointError(
+            f"{fs.join(uri, COMMIT)} has format {data.get('format')!r}; this version reads "
+            f"format {COMMIT_FORMAT}"
+        )
+    return data["files"]
+
+
+def verify_commit(uri: str) -> bool:
+    """Check every file against the commit marker: True if intact, False if the checkpoint
+    has no marker (written before markers existed); raises ``CheckpointError`` naming the
+    first file that is missing, of another size or with another checksum."""
+    files = read_commit(uri)
+    if files is None:
+        return False
+    for name, want in files.items():
+        try:
+            data = fs.read_bytes(fs.join(uri, name))
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint {uri!r}: {name} is missing") from None
+        if len(data) != want["size"] or hashlib.sha256(data).hexdigest() != want["sha256"]:
+            raise CheckpointError(
+                f"checkpoint {uri!r}: {name} is damaged ({len(data)} bytes, "
+                f"{want['size']} committed, or another checksum)"
+            )
+    return True
+
+
+def load_committed_train_state(uri: str) -> dict[str, Any]:
+    """The train state of a checkpoint after checking it against its commit marker (if it
+    has one); ``CheckpointError`` if it is damaged, has none, or does not load."""
+    verify_commit(uri)
+    try:
+        state = load_train_state(uri)
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"checkpoint {uri!r}: {TRAIN_STATE} does not load ({e})") from None
+    if state is None:
+        raise CheckpointError(f"checkpoint {uri!r} has no {TRAIN_STATE}")
+    return state
 
 
 def load_stage_config(uri: str) -> StageConfig:

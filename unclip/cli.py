@@ -179,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--config", default=None, help="Serve config YAML (default serving/config.yaml)")
+    v.add_argument(
+        "--insecure-no-api-key",
+        action="store_true",
+        help="allow a non-loopback --host without UNCLIP_API_KEY (anyone who reaches it may use it)",
+    )
 
     ev = sub.add_parser("eval", help="evaluate a bundle like the paper's ablation")
     ev.add_argument("--bundle", required=True)

@@ -34,6 +34,7 @@ from unclip.clip import Clip
 from unclip.conditioning import TextCond
 from unclip.config import SamplingSettings
 from unclip.decoder import Decoder
+from unclip.diffusion import Progress
 from unclip.prior import DiffusionPrior
 from unclip.upsampler import Upsampler
 
@@ -93,8 +94,29 @@ def encode_prompts_noting(
     return text, [note if cut else None for cut in truncated]
 
 
+class DeadlineExceeded(RuntimeError):
+    """Sampling stopped because the work's deadline passed (see ``stop_at``)."""
+
+
+def stop_at(deadline: float | None) -> Progress | None:
+    """A per-step sampling callback that raises ``DeadlineExceeded`` at the first step that
+    ends after ``deadline`` (``time.time()`` seconds), so work nobody waits for stops."""
+    if deadline is None:
+        return None
+
+    def check(done: int, total: int) -> None:
+        if time.time() > deadline:
+            raise DeadlineExceeded(f"deadline passed after {done} of {total} sampling steps")
+
+    return check
+
+
 def sample_prior(
-    prior: DiffusionPrior, text: TextCond, seeds: Sequence[int], s: SamplingSettings
+    prior: DiffusionPrior,
+    text: TextCond,
+    seeds: Sequence[int],
+    s: SamplingSettings,
+    progress: Progress | None = None,
 ) -> Tensor:
     """Caption conditioning (B rows, one per image) -> CLIP image embeddings (B, D)."""
     return prior.sample(
@@ -104,6 +126,7 @@ def sample_prior(
         candidates=s.candidates,
         eta=s.prior_eta,
         generator=stage_generators(seeds, STAGE_PRIOR),
+        progress=progress,
     )
 
 
@@ -114,6 +137,7 @@ def sample_decoder(
     seeds: Sequence[int],
     s: SamplingSettings,
     noise: Tensor | None = None,
+    progress: Progress | None = None,
 ) -> Tensor:
     """CLIP image embeddings (B, D) -> images (B, 3, S, S) in [-1, 1].
 
@@ -141,11 +165,16 @@ def sample_decoder(
             eta=s.decoder_eta,
             noise=None if noise is None else noise.to(dev),
             generator=stage_generators(seeds, STAGE_DECODER),
+            progress=progress,
         ).float()
 
 
 def invert_decoder(
-    decoder: Decoder, images: Tensor, image_emb: Tensor, s: SamplingSettings
+    decoder: Decoder,
+    images: Tensor,
+    image_emb: Tensor,
+    s: SamplingSettings,
+    progress: Progress | None = None,
 ) -> Tensor:
     """DDIM inversion (images (B, 3, S, S) + their CLIP embeddings (B, D)) -> x_T (B, 3, S, S)
     such that decoding (image_emb, x_T) with eta 0 gives the images back (docs/method.md)."""
@@ -155,11 +184,17 @@ def invert_decoder(
         image_emb.to(dev),
         steps=s.decoder_steps,
         guidance_scale=s.decoder_guidance_scale,
+        progress=progress,
     )
 
 
 def sample_upsampler(
-    upsampler: Upsampler, images: Tensor, seeds: Sequence[int], s: SamplingSettings, index: int = 0
+    upsampler: Upsampler,
+    images: Tensor,
+    seeds: Sequence[int],
+    s: SamplingSettings,
+    index: int = 0,
+    progress: Progress | None = None,
 ) -> Tensor:
     """Images (B, 3, s, s) -> (B, 3, s * f, s * f), both in [-1, 1], under the upsampler's
     measured sampling numerics (``unclip.sampling_numerics``)."""
@@ -174,6 +209,7 @@ def sample_upsampler(
             low,
             steps=s.upsampler_steps,
             generator=stage_generators(seeds, STAGE_UPSAMPLER + index),
+            progress=progress,
         ).float()
 
 
