@@ -40,7 +40,7 @@ class DecodeJob:
     text: TextCond | None  # (n, ...) or None (variations decode without text)
     seeds: list[int]
     settings: SamplingSettings
-    noise: Tensor | None = None  # (n, 3, S, S) fixed x_T (variations), else drawn per seed
+    noise: Tensor | None = None  # (n, 3, S, S) fixed x_T, else drawn per seed
 
     def key(self) -> Hashable:
         s = self.settings
@@ -51,6 +51,20 @@ class DecodeJob:
             self.text is None,
             self.noise is None,
         )
+
+
+@dataclass(frozen=True)
+class LatentJob:
+    """Decode bipartite latents (``unclip.pipeline.decode_latents``): manipulations."""
+
+    image_emb: Tensor  # (n, D) z_i
+    x_T: Tensor  # (n, 3, S, S) from the inversion, with the same settings
+    seeds: list[int]
+    settings: SamplingSettings
+
+    def key(self) -> Hashable:
+        s = self.settings
+        return (s.decoder_steps, s.decoder_guidance_scale, s.decoder_eta)
 
 
 @dataclass(frozen=True)
