@@ -24,6 +24,7 @@ from unclip.config import (
     PriorConfig,
     PriorNetConfig,
     UNetConfig,
+    UpsamplerConfig,
     from_dict,
     merge,
     stage_config_from_dict,
@@ -211,3 +212,29 @@ def test_whitened_conditioning_equalises_the_embedding_directions() -> None:
     assert evals.min() > 0.01 and evals.max() < 1.01  # nearly empty ones floored, not inf
     # the whitening is part of the model's state: saved and restored with the weights
     assert {"clip_mean", "clip_whitening"} <= set(net.state_dict())
+
+
+def test_upsampler_clamps_the_image_it_makes_not_the_residual() -> None:
+    """A residual upsampler's x0 is image - bicubic(low_res): its valid range is
+    [-1 - cond, 1 - cond], so sampling clamps cond + x0 to [-1, 1], not x0."""
+    cfg = UpsamplerConfig(
+        net=UNetConfig(
+            image_size=16,
+            base_channels=16,
+            channel_mult=(1, 2),
+            attention_resolutions=(),
+            low_res_channels=3,
+        ),
+        low_res_size=8,
+        diffusion=DiffusionConfig(prediction="x0"),
+        sample_steps=3,
+    )
+    up = build_model(cfg)
+    with torch.no_grad():  # zero output weights: the network predicts the residual x0 = bias
+        up.net.out[-1].bias.fill_(1.8)
+    dark = torch.full((1, 3, 8, 8), -0.9)
+    # -0.9 + 1.8 = 0.9 is a valid image and is kept (a clamped residual would give 0.1)
+    torch.testing.assert_close(up.sample(dark), torch.full((1, 3, 16, 16), 0.9), atol=1e-4, rtol=0)
+    # 0.9 + 1.8 leaves the range: the image is clamped at 1
+    bright = torch.full((1, 3, 8, 8), 0.9)
+    torch.testing.assert_close(up.sample(bright), torch.ones(1, 3, 16, 16), atol=1e-4, rtol=0)
