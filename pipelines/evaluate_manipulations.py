@@ -1,4 +1,4 @@
-"""The manipulations section of ``unclip eval``: measured properties of PAPER.md §3.
+"""The manipulations section of ``unclip eval``: measured properties of unCLIP paper §3.
 
 On held-out shapes images (the original files the table was made from), with the bundle's
 settings, through the building blocks of ``unclip.manipulations`` (the code the library, the
@@ -17,6 +17,7 @@ Output: a ``manipulations`` dict for eval.json and one strip per manipulation (P
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -128,7 +129,7 @@ def evaluate_manipulations(
         red = [i for i, t in enumerate(truth) if t.colour == "red"][: cfg.text_diff_images]
         diffs = []
         for i in red:
-            to_emb, _ = await stages.encode_text(captions[i].replace("red", "blue"))
+            to_emb, _ = await stages.encode_text(re.sub(r"\bred\b", "blue", captions[i]))
             from_emb, _ = await stages.encode_text(captions[i])
             zd, xd = text_diff_latents(
                 z[i : i + 1],
@@ -241,8 +242,8 @@ def evaluate_manipulations(
     return result
 
 
-def markdown(result: dict[str, Any]) -> str:
-    """The manipulations section of the report (numbers and strips)."""
+def markdown(result: dict[str, Any], prefix: str = "") -> str:
+    """The manipulations section of a report (numbers, and the strips under ``prefix``)."""
     r, v, t, i = (result[k] for k in ("reconstruction", "variations", "text_diff", "interpolation"))
     lines = [
         f"Held-out shapes images: {result['images']}, decoder {result['decoder_steps']} steps, "
@@ -275,5 +276,5 @@ def markdown(result: dict[str, Any]) -> str:
         "interpolation": "from image a (left) to image b (right)",
     }
     for name, path in result.get("strips", {}).items():
-        lines += ["", f"![{name}: {captions[name]}]({path})"]
+        lines += ["", f"![{name}: {captions[name]}]({prefix}{path})"]
     return "\n".join(lines)

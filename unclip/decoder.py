@@ -2,7 +2,7 @@
 
 Classifier-free guidance: the CLIP embedding is replaced by a learned null ``clip_drop_prob``
 of the time and the text ``text_drop_prob`` of the time (PAPER.md: 10% / 50%). DDIM
-inversion maps an image to the decoder latent x_T (the bipartite latent of PAPER.md §3).
+inversion maps an image to the decoder latent x_T (the bipartite latent of unCLIP paper §3).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class Decoder(nn.Module):
             clip_denoised=clip_denoised,
         ).clamp(-1, 1)
 
-    # The bipartite latent (PAPER.md §3) and its decoding. DDIM inversion runs the
+    # The bipartite latent (unCLIP paper §3) and its decoding. DDIM inversion runs the
     # deterministic ODE forwards and DDIM decoding runs it backwards: they are inverses only
     # if both evaluate the same model function, so ``invert`` and ``decode_latent`` take the
     # same ``steps`` and ``guidance_scale`` (no defaults: a caller states the pair) and both

@@ -399,7 +399,7 @@ class GaussianDiffusion:
         """DDIM inversion (eta = 0): data x_0 -> latent x_T that DDIM sampling maps back.
 
         Runs the deterministic DDIM ODE forwards in time (variations, interpolation and text
-        diffs, PAPER.md section 3). Sample back with the same ``clip_denoised`` (x0 clamped
+        diffs, the unCLIP paper, section 3). Sample back with the same ``clip_denoised`` (x0 clamped
         to [-1, 1] or not) for a faithful round trip. The plain update evaluates the network
         one step behind (at x_{i-1} instead of x_i): with large strides (few steps) that alone
         loses most of the reconstruction. Each of the ``fixed_point_iters`` refinements runs

@@ -1,4 +1,4 @@
-"""Image manipulations with the bipartite latent (z_i, x_T) (PAPER.md section 3).
+"""Image manipulations with the bipartite latent (z_i, x_T) (the unCLIP paper, section 3).
 
 Any image x maps to (z_i, x_T): z_i from the CLIP image encoder (the original image at
 CLIP's input size, prepared as the embedding ETL prepares it), x_T by DDIM inversion of the
@@ -47,7 +47,7 @@ from unclip.pipeline import (
 )
 
 VARIATIONS_ETA = 0.8  # DDIM eta of variations: 0 gives the image back, larger varies more
-TEXT_DIFF_FROM = "a photo"  # z_t0 when the caption of the image is not given (PAPER.md §3)
+TEXT_DIFF_FROM = "a photo"  # z_t0 when the caption of the image is not given (unCLIP paper §3)
 TEXT_DIFF_STRENGTH = 0.5  # the largest theta of a text diff
 
 
@@ -344,7 +344,7 @@ def text_diff(
     settings: SamplingSettings | None = None,
 ) -> Generation:
     """Edit an image towards ``to_text``: decode slerp(z_i, z_d, theta), z_d the normalised
-    difference of the two captions' CLIP text embeddings, x_T fixed (PAPER.md §3)."""
+    difference of the two captions' CLIP text embeddings, x_T fixed (unCLIP paper §3)."""
     stages = LocalStages(pipe)
     s = settings or pipe.settings
     coro = compute_text_diff(

@@ -134,7 +134,7 @@ def invert_decoder(
 ) -> Tensor:
     """DDIM inversion (images (B, 3, S, S) at the decoder's size + their CLIP embeddings
     (B, D)) -> x_T (B, 3, S, S) such that ``decode_latents`` with eta 0 gives the images back
-    (PAPER.md §3). Inversion and decoding both run at ``s.decoder_steps`` and
+    (unCLIP paper §3). Inversion and decoding both run at ``s.decoder_steps`` and
     ``s.decoder_guidance_scale``: the bipartite latent belongs to that pair."""
     dev = prior_device(decoder)
     return decoder.invert(
@@ -300,7 +300,7 @@ class UnclipPipeline:
         seed: int = 0,
         settings: SamplingSettings | None = None,
     ) -> Generation:
-        """Image variations (PAPER.md §3); see ``unclip.manipulations.variations``."""
+        """Image variations (unCLIP paper §3); see ``unclip.manipulations.variations``."""
         from unclip.manipulations import variations
 
         return variations(self, image, num_images, eta, seed, settings)
