@@ -14,6 +14,10 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 # numerics probes cache their choices per machine: tests keep theirs out of the user's cache
 os.environ["UNCLIP_CACHE_DIR"] = tempfile.mkdtemp(prefix="unclip-test-cache-")
+# tests compare pixels across processes (library, CLI, Serve replicas): on a busy test machine
+# each process's sampling probe could choose differently, so sampling runs fp32 unless a test
+# asks for another setting (tests/test_sampling_numerics.py tests the probe itself)
+os.environ.setdefault("UNCLIP_SAMPLING_NUMERICS", "fp32")
 
 
 def free_port() -> int:

@@ -540,6 +540,7 @@ def numerics_record(choice: numerics.Choice, used: numerics.Numerics) -> dict[st
         "numerics": used.label,
         "numerics_source": choice.source,
         "numerics_timings": {o.label: round(t, 4) for o, t in choice.timings.items()},
+        "numerics_thread_timings": {o.label: round(t, 4) for o, t in choice.thread_timings.items()},
     }
 
 

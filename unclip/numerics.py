@@ -26,7 +26,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -39,6 +39,7 @@ AMPS: tuple[str, ...] = ("none", "bf16", "fp16")
 MEMORY_FORMATS: tuple[str, ...] = ("contiguous", "channels_last")
 AUTO = "auto"
 DEFAULT_MARGIN = 0.05  # a non-default setting must be >= 5% faster to be picked
+BUSY_LIMIT = 0.3  # other processes' mean busy cores above which a probe is not cached
 
 StepFn = Callable[["Numerics"], None]
 
@@ -204,6 +205,36 @@ def describe(timings: dict[Numerics, float], chosen: Numerics) -> str:
     return ", ".join(parts)
 
 
+def cpu_elsewhere(count_niced: bool = False) -> Callable[[], float]:
+    """Start measuring the CPU that other processes use; the returned function gives their
+    mean number of busy cores since the start (0.0 where /proc/stat cannot be read).
+
+    A probe is only as good as the machine is quiet: a second process on a 2-core machine
+    makes 2-thread steps look 2-3x slower than they are, and a choice made then would be
+    cached for every later run."""
+
+    def machine_busy_s() -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # the "nice" column is left out: processes at a positive nice yield to ours
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        busy = user + system + irq + softirq + steal + (nice if count_niced else 0)
+        return busy / os.sysconf("SC_CLK_TCK")
+
+    t0, busy0, own0 = time.monotonic(), machine_busy_s(), time.process_time()
+
+    def stop() -> float:
+        busy1, wall = machine_busy_s(), time.monotonic() - t0
+        if busy0 is None or busy1 is None or wall <= 0:
+            return 0.0
+        return max(0.0, (busy1 - busy0) - (time.process_time() - own0)) / wall
+
+    return stop
+
+
 # ---------------------------------------------------------------------- cache
 PROBE_VERSION = 2  # bump when the probe or the pick changes what it would choose
 
@@ -254,22 +285,24 @@ class NumericsCache:
         except (OSError, ValueError):
             return {}
 
-    def get(self, workload: str) -> tuple[Numerics, dict[Numerics, float]] | None:
+    def get(self, workload: str) -> Choice | None:
         entry = self._read().get(machine_key(), {}).get(workload)
         if not entry:
             return None
         try:
             chosen = Numerics(**entry["chosen"])
             timings = {Numerics(**o): float(t) for o, t in entry["timings"]}
+            threads = {Numerics(**o): float(t) for o, t in entry.get("thread_timings", [])}
         except (KeyError, TypeError, ValueError):
             return None
-        return chosen, timings
+        return Choice(chosen, timings, "cache", threads)
 
-    def put(self, workload: str, chosen: Numerics, timings: dict[Numerics, float]) -> None:
+    def put(self, workload: str, choice: Choice) -> None:
         data = self._read()
         data.setdefault(machine_key(), {})[workload] = {
-            "chosen": asdict(chosen),
-            "timings": [[asdict(o), t] for o, t in timings.items()],
+            "chosen": asdict(choice.numerics),
+            "timings": [[asdict(o), t] for o, t in choice.timings.items()],
+            "thread_timings": [[asdict(o), t] for o, t in choice.thread_timings.items()],
             "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         try:
@@ -284,16 +317,33 @@ class NumericsCache:
 
 @dataclass(frozen=True)
 class Choice:
-    """The outcome of ``choose``: the settings, every candidate's time, where they came from."""
+    """The outcome of ``choose``: the settings, where they came from, and the timings of
+    each round: ``timings`` compares the candidates at full threads, ``thread_timings`` the
+    winner against fewer threads (measured in rounds of their own: not comparable across)."""
 
     numerics: Numerics
     timings: dict[Numerics, float]
     source: Literal["probe", "cache", "fixed"]
+    thread_timings: dict[Numerics, float] = field(default_factory=dict)
+    busy_elsewhere: float = 0.0  # other processes' mean busy cores during the probe
 
     def summary(self) -> str:
         if self.source == "fixed":
             return f"{self.numerics.label} (fixed by the config, not measured)"
-        return f"{self.numerics.label} ({self.source}: {describe(self.timings, self.numerics)})"
+        # round 1 ran at full threads: mark the candidate that won it
+        won = [
+            o for o in self.timings if replace(o, threads=self.numerics.threads) == self.numerics
+        ]
+        first = won[0] if won else self.numerics
+        line = f"{self.numerics.label} ({self.source}: {describe(self.timings, first)}"
+        if self.thread_timings:
+            line += f"; threads: {describe(self.thread_timings, self.numerics)}"
+        if self.busy_elsewhere > BUSY_LIMIT:
+            line += (
+                f"; other processes kept {self.busy_elsewhere:.2f} cores busy during the"
+                " probe: the choice is used for this run only, not cached"
+            )
+        return line + ")"
 
 
 def choose(
@@ -307,29 +357,36 @@ def choose(
     repeats: int = 3,
     clock: Callable[[], float] = time.perf_counter,
     min_seconds: float = 1.0,
+    meter: Callable[[], Callable[[], float]] = cpu_elsewhere,
 ) -> Choice:
     """Cached ``pick(probe(...))`` over ``options``, then the winner again at each of
     ``fewer_threads`` (a second, short round: threads rarely change which dtype wins).
-    A single option with no thread alternatives is used as given, without timing."""
+    A single option with no thread alternatives is used as given, without timing. A probe
+    during which other processes kept more than ``BUSY_LIMIT`` cores busy (``meter``) is
+    used but not cached: the next run measures again."""
     options = list(dict.fromkeys(options))
     fewer = [t for t in dict.fromkeys(fewer_threads) if t >= 1]
     if len(options) == 1 and not fewer:
         return Choice(options[0], {}, "fixed")
     if cache is not None:
         hit = cache.get(workload)
-        if hit is not None and set(options) <= set(hit[1]):
-            return Choice(hit[0], hit[1], "cache")
+        if hit is not None and set(options) <= set(hit.timings):
+            return hit
+    busy = meter()
     timings = probe(step_fn, options, warmup, repeats, clock, min_seconds)
     chosen = pick(timings, margin)
     alternatives = [replace(chosen, threads=t) for t in fewer if t != chosen.threads]
+    thread_timings: dict[Numerics, float] = {}
     if alternatives:
         # the winner re-measured in the same rounds as its alternatives: these numbers decide
-        more = probe(step_fn, [chosen, *alternatives], warmup, repeats, clock, min_seconds)
-        timings.update(more)
-        chosen = pick(more, margin)
-    if cache is not None:
-        cache.put(workload, chosen, timings)
-    return Choice(chosen, timings, "probe")
+        thread_timings = probe(
+            step_fn, [chosen, *alternatives], warmup, repeats, clock, min_seconds
+        )
+        chosen = pick(thread_timings, margin)
+    choice = Choice(chosen, timings, "probe", thread_timings, busy())
+    if cache is not None and choice.busy_elsewhere <= BUSY_LIMIT:
+        cache.put(workload, choice)
+    return choice
 
 
 @contextmanager

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from unclip import sampling_numerics
 from unclip.checkpoint import (
     bundle_clip_source,
     load_stage,
@@ -116,17 +117,33 @@ def sample_decoder(
     s: SamplingSettings,
     noise: Tensor | None = None,
 ) -> Tensor:
-    """CLIP image embeddings (B, D) -> images (B, 3, S, S) in [-1, 1]."""
+    """CLIP image embeddings (B, D) -> images (B, 3, S, S) in [-1, 1].
+
+    Runs under the decoder's measured sampling numerics (``unclip.sampling_numerics``);
+    a fixed ``noise`` (an inverted x_T) is decoded in fp32, like the inversion."""
     dev = prior_device(decoder)
-    return decoder.sample(
-        image_emb.to(dev),
-        text.to(dev) if text is not None else None,
-        steps=s.decoder_steps,
-        guidance_scale=s.decoder_guidance_scale,
-        eta=s.decoder_eta,
-        noise=None if noise is None else noise.to(dev),
-        generator=stage_generators(seeds, STAGE_DECODER),
-    )
+    emb, text = image_emb.to(dev), text.to(dev) if text is not None else None
+
+    def probe(m: torch.nn.Module, rows: Tensor) -> None:
+        m.sample(
+            emb[rows],
+            text.index(rows) if text is not None else None,
+            steps=2,
+            guidance_scale=s.decoder_guidance_scale,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+    sampling_numerics.ensure(decoder, probe, emb.shape[0])
+    with sampling_numerics.running(decoder, exact=noise is not None):
+        return decoder.sample(
+            emb,
+            text,
+            steps=s.decoder_steps,
+            guidance_scale=s.decoder_guidance_scale,
+            eta=s.decoder_eta,
+            noise=None if noise is None else noise.to(dev),
+            generator=stage_generators(seeds, STAGE_DECODER),
+        ).float()
 
 
 def invert_decoder(
@@ -165,12 +182,20 @@ def decode_latents(
 def sample_upsampler(
     upsampler: Upsampler, images: Tensor, seeds: Sequence[int], s: SamplingSettings, index: int = 0
 ) -> Tensor:
-    """Images (B, 3, s, s) -> (B, 3, s * f, s * f), both in [-1, 1]."""
-    return upsampler.sample(
-        images.to(prior_device(upsampler)),
-        steps=s.upsampler_steps,
-        generator=stage_generators(seeds, STAGE_UPSAMPLER + index),
-    )
+    """Images (B, 3, s, s) -> (B, 3, s * f, s * f), both in [-1, 1], under the upsampler's
+    measured sampling numerics (``unclip.sampling_numerics``)."""
+    low = images.to(prior_device(upsampler)).float()
+
+    def probe(m: torch.nn.Module, rows: Tensor) -> None:
+        m.sample(low[rows], steps=2, generator=torch.Generator().manual_seed(0))
+
+    sampling_numerics.ensure(upsampler, probe, low.shape[0])
+    with sampling_numerics.running(upsampler):
+        return upsampler.sample(
+            low,
+            steps=s.upsampler_steps,
+            generator=stage_generators(seeds, STAGE_UPSAMPLER + index),
+        ).float()
 
 
 def prior_device(model: torch.nn.Module) -> torch.device:
