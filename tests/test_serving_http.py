@@ -389,6 +389,61 @@ def test_web_page_generates_in_headless_chromium(served: Served) -> None:
         assert err.startswith("422") and "prompt" in err
 
 
+@pytest.mark.slow
+def test_web_page_manipulates_images_in_headless_chromium(served: Served, tmp_path) -> None:
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip("no chromium found (apt-get install -y chromium; see infra/ci_setup.sh)")
+    a = served.generate(prompt="a red circle", seed=1, decoder_steps=4)["images"][0]
+    b = served.generate(prompt="a blue square", seed=2, decoder_steps=4)["images"][0]
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path, img in zip(paths, (a, b), strict=True):
+        path.write_bytes(base64.b64decode(img))
+    shown = (
+        "document.querySelectorAll('#images img').length === {n} && "
+        "[...document.querySelectorAll('#images img')].every(i => i.complete && "
+        "i.naturalWidth === 32) && [...document.querySelectorAll('#images img')].map(i => i.src)"
+    )
+    context = (
+        "document.getElementById('status').textContent + ' | ' + "
+        "document.getElementById('error').textContent"
+    )
+    with Browser(exe) as page:
+        page.navigate(served.url + "/")
+        page.set_files("#image_a", [str(paths[0])])
+        page.set_files("#image_b", [str(paths[1])])
+        page.type_into("#seed", "4")
+        page.type_into("#num_images", "2")
+        page.type_into("#eta", "0.5")
+        page.click("#vary")
+        srcs = page.wait_for(shown.format(n=2), timeout_s=120, context=context)
+        # the page's variations are the API's for the same request
+        api = served.post(
+            "/v1/variations", json={"image": a, "num_images": 2, "eta": 0.5, "seed": 4}
+        ).json()["images"]
+        assert [s.removeprefix("data:image/png;base64,") for s in srcs] == api
+
+        page.type_into("#frames", "3")
+        page.click("#interpolate")
+        page.wait_for(
+            shown.format(n=3) + " && document.querySelector('#images img').alt.includes('interp')",
+            timeout_s=120,
+            context=context,
+        )
+        page.type_into("#to_text", "a green square")
+        page.click("#text_diff")
+        page.wait_for(
+            shown.format(n=3) + " && document.querySelector('#images img').alt.includes('text')",
+            timeout_s=120,
+            context=context,
+        )
+        # a text diff without a target text is refused by the API, and the page says why
+        page.type_into("#to_text", "")
+        page.click("#text_diff")
+        err = page.wait_for("document.getElementById('error').textContent", context=context)
+        assert err.startswith("422") and "to_text" in err
+
+
 # ---------------------------------------------------------------------- slow: load, failure
 def _timed_post(served: Served, body: dict[str, Any], timeout: float) -> tuple[int, float]:
     t0 = time.monotonic()
