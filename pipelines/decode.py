@@ -23,6 +23,7 @@ import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipelines.sources import Problem, RawRow, read_unit
+from unclip.images import square, to_rgb
 
 # Pillow's own limit (about 89 MP): above it Pillow warns, above twice it refuses.
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
@@ -114,34 +115,6 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
             f"{max_pixels / 1e6:.0f} MP; refused before decoding (decompression bomb?)",
         )
     return img
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB (alpha composited on white, 16-bit scaled)."""
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        # 16-bit PNG/TIFF greyscale opens as I;16 or I: scale the full 16-bit range
-        scale = 255.0 / 65535.0 if img.mode != "F" or arr.max() > 255 else 1.0
-        grey = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
-        img = Image.fromarray(grey, mode="L")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
-    return img.convert("RGB") if img.mode != "RGB" else img
-
-
-def square(img: Image.Image, size: int) -> Image.Image:
-    """Centre crop to a square, resized to ``size`` x ``size`` (bicubic, antialiased)."""
-    w, h = img.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    box = (left, top, left + s, top + s)
-    if s == size:
-        return img.crop(box) if (w, h) != (s, s) else img
-    return img.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
 
 
 def png_bytes(img: Image.Image) -> bytes:

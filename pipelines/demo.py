@@ -286,6 +286,15 @@ def _report(
         f"| {k} | {v:.0f} s | {_steps_cell(training.get(k))} |" for k, v in seconds.items()
     )
     total = sum(seconds.values())
+    manipulations = ""
+    if ev.get("manipulations"):
+        from pipelines.evaluate_manipulations import markdown
+
+        manipulations = (
+            "\n## Image manipulations (unCLIP paper §3)\n\n"
+            + markdown(ev["manipulations"], prefix="eval/")
+            + "\n"
+        )
     warning = ""
     if ev["cut_short"]:
         warning = (
@@ -305,7 +314,7 @@ generated image's CLIP embedding with the caption's; retrieval@10: the caption r
 among 10; FD: Fréchet distance of generated vs. real CLIP image embeddings (lower is better).
 
 ![samples: rows are methods, columns held-out captions](eval/eval_grid.png)
-
+{manipulations}
 ## Stages
 
 | stage | time | steps (done / planned, numerics) |

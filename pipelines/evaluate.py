@@ -53,6 +53,7 @@ class EvalConfig:
     decoder_guidance_scale: float | None = None
     ar_prior: str = ""  # stage checkpoint of an autoregressive prior (adds the ar_prior row)
     attributes: str = ""  # attributes.parquet of the shapes data (default: beside the images)
+    manipulations: int = 16  # held-out shapes images for the manipulations section (0: none)
     num_cpus_per_worker: float = 2.0
 
 
@@ -72,12 +73,14 @@ class EvalReport:
     rows: list[MethodResult]
     preset: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
+    manipulations: dict[str, Any] | None = None  # pipelines.evaluate_manipulations
 
     def to_json(self) -> dict[str, Any]:
         return {
             "rows": [asdict(r) for r in self.rows],
             "preset": self.preset,
             "seconds": self.seconds,
+            "manipulations": self.manipulations,
         }
 
 
@@ -329,12 +332,43 @@ def evaluate(
         summarise(results, real, methods), preset, {"eval_generate": round(gen_seconds, 1)}
     )
     fs.makedirs(out)
+    if cfg.manipulations and "colour" in table.column_names:
+        t1 = time.perf_counter()
+        report.manipulations = _manipulations(bundle, data, out, cfg)
+        report.seconds["eval_manipulations"] = round(time.perf_counter() - t1, 1)
     fs.write_text(fs.join(out, "eval.json"), json.dumps(report.to_json(), indent=2))
-    fs.write_text(fs.join(out, "eval.md"), markdown_table(report) + "\n")
+    md = markdown_table(report)
+    if report.manipulations:
+        from pipelines.evaluate_manipulations import markdown
+
+        md += "\n\n## Manipulations\n\n" + markdown(report.manipulations)
+    fs.write_text(fs.join(out, "eval.md"), md + "\n")
     fs.write_bytes(
         fs.join(out, "eval_grid.png"), png_bytes(method_grid(results, methods, cfg.grid_captions))
     )
     return report
+
+
+def _manipulations(bundle: str, data: str, out: str, cfg: EvalConfig) -> dict[str, Any]:
+    """The manipulations section, in this process (one inversion per image, batched)."""
+    from pipelines.evaluate_manipulations import (
+        ManipulationEvalConfig,
+        evaluate_manipulations,
+        pick_images,
+    )
+    from unclip.pipeline import UnclipPipeline
+
+    mcfg = ManipulationEvalConfig(n=cfg.manipulations, seed=cfg.seed)
+    pipe = UnclipPipeline.from_bundle(bundle)
+    pipe.settings = pipe.resolve(
+        decoder_steps=cfg.decoder_steps,
+        upsampler_steps=cfg.upsampler_steps,
+        decoder_guidance_scale=cfg.decoder_guidance_scale,
+    )
+    table = load_heldout(data, max(8 * cfg.manipulations, 128), cfg.attributes)
+    images, captions, _ = pick_images(table, cfg.manipulations, red=mcfg.text_diff_images)
+    print(f"[eval] manipulations on {len(images)} held-out images", flush=True)
+    return evaluate_manipulations(pipe, images, captions, mcfg, out)
 
 
 def _collect(ds: Any, captions: int, methods: int, t0: float) -> dict[str, np.ndarray]:

@@ -139,6 +139,11 @@ class RequestModels:
             image_a: ImageB64
             image_b: ImageB64
             frames: Frames
+            fixed_noise: bool = Field(
+                default=False,
+                description="hold the decoder latent x_T at image_a's for every frame instead "
+                "of slerping it between the two inversions",
+            )
             seed: Seed = None
 
         class TextDiffRequest(BaseModel):

@@ -58,6 +58,21 @@ class DecodeJob:
 
 
 @dataclass(frozen=True)
+class LatentJob:
+    """Decode bipartite latents (``unclip.pipeline.decode_latents``): manipulations."""
+
+    image_emb: Tensor  # (n, D) z_i
+    x_T: Tensor  # (n, 3, S, S) from the inversion, with the same settings
+    seeds: list[int]
+    settings: SamplingSettings
+    deadline: float | None = None
+
+    def key(self) -> Hashable:
+        s = self.settings
+        return (s.decoder_steps, s.decoder_guidance_scale, s.decoder_eta)
+
+
+@dataclass(frozen=True)
 class InvertJob:
     images: Tensor  # (n, 3, S, S) in [-1, 1] at the decoder's resolution
     image_emb: Tensor  # (n, D)
@@ -89,7 +104,7 @@ def batch_rows(items: Sequence[object]) -> int:
 
 
 def _rows(item: object) -> int:
-    if isinstance(item, PriorJob | DecodeJob | UpsampleJob):
+    if isinstance(item, PriorJob | DecodeJob | LatentJob | UpsampleJob):
         return len(item.seeds)
     if isinstance(item, InvertJob):
         return len(item.images)
@@ -98,7 +113,9 @@ def _rows(item: object) -> int:
     return 1  # a prompt
 
 
-def group_deadline(jobs: Sequence[PriorJob | DecodeJob | InvertJob | UpsampleJob]) -> float | None:
+def group_deadline(
+    jobs: Sequence[PriorJob | DecodeJob | LatentJob | InvertJob | UpsampleJob],
+) -> float | None:
     """When a group's work is no longer wanted: the latest of its jobs' deadlines."""
     deadlines = [j.deadline for j in jobs]
     return None if None in deadlines else max(deadlines)  # type: ignore[type-var]

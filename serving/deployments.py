@@ -26,6 +26,7 @@ from torch import Tensor
 from serving.batching import (
     DecodeJob,
     InvertJob,
+    LatentJob,
     PriorJob,
     UpsampleJob,
     batch_rows,
@@ -41,6 +42,7 @@ from unclip.clip import Clip
 from unclip.conditioning import TextCond
 from unclip.decoder import Decoder as DecoderModel
 from unclip.pipeline import (
+    decode_latents,
     encode_prompts_noting,
     invert_decoder,
     needs_text_states,
@@ -142,7 +144,7 @@ class TextEncoder(_Stage):
 
 @serve.deployment(ray_actor_options=CPU_OPTIONS, max_ongoing_requests=16)
 class ImageEncoder(_Stage):
-    """Images (1, 3, S, S) in [-1, 1] -> CLIP image embeddings (1, D)."""
+    """Images (n, 3, S, S) in [-1, 1] at CLIP's input size -> CLIP image embeddings (n, D)."""
 
     _batched = ("encode",)
 
@@ -184,9 +186,10 @@ class Prior(_Stage):
 
 @serve.deployment(ray_actor_options=CPU_OPTIONS, max_ongoing_requests=16)
 class Decoder(_Stage):
-    """CLIP image embeddings -> base-resolution images; and DDIM inversion (variations)."""
+    """CLIP image embeddings -> base-resolution images; DDIM inversion and decoding of
+    inverted latents (the manipulations)."""
 
-    _batched = ("sample", "invert")
+    _batched = ("sample", "invert", "decode_latents")
 
     def __init__(self, bundle: str) -> None:
         spec = read_bundle_spec(bundle)
@@ -210,6 +213,21 @@ class Decoder(_Stage):
             return split_rows(images, [len(j.seeds) for j in group])
 
         return await self._compute(lambda: run_grouped(jobs, DecodeJob.key, run))
+
+    @serve.batch(**DEFAULT_BATCH, batch_size_fn=batch_rows)
+    async def decode_latents(self, jobs: list[LatentJob]) -> list[Tensor]:
+        def run(group: list[LatentJob]) -> list[Tensor]:
+            images = decode_latents(
+                self.decoder,
+                torch.cat([j.image_emb for j in group]),
+                torch.cat([j.x_T for j in group]),
+                [s for j in group for s in j.seeds],
+                group[0].settings,
+                progress=stop_at(group_deadline(group)),
+            )
+            return split_rows(images, [len(j.seeds) for j in group])
+
+        return await self._compute(lambda: run_grouped(jobs, LatentJob.key, run))
 
     @serve.batch(**DEFAULT_BATCH, batch_size_fn=batch_rows)
     async def invert(self, jobs: list[InvertJob]) -> list[Tensor]:

@@ -1,29 +1,28 @@
 """The ingress deployment: HTTP in (``serving.api``), stage deployments called in order.
 
-``generate`` reads like ``UnclipPipeline.generate`` (and ``variations``, ``interpolate``,
-``text_diff`` like their in-process versions in ``unclip.pipeline`` / ``unclip.manipulations``),
-one block per stage, except that each stage is a ``DeploymentHandle`` call (batched on the
-other side) with a timeout. A stage
-that is down answers 503, one that is too slow 504; a call whose replica died is sent once
-more; a request over the cost budget (``serving.cost``) or otherwise bad never reaches a stage,
-nor one that could not finish before its deadline at the measured rate (``serving.admission``:
-503 with ``Retry-After`` at once).
-Each request has one deadline (``limits.request_timeout_s``) shared by its stage calls: a
-call answers 504 when it passes, and the stage stops sampling at its next step.
+``generate`` reads like ``UnclipPipeline.generate``, one block per stage, except that each
+stage is a ``DeploymentHandle`` call (batched on the other side) with a timeout. The
+manipulations (variations, interpolations, text diffs) are not written here: the ingress runs
+the coroutines of ``unclip.manipulations`` with stages that call the deployments
+(``_ServeStages``), the same code as the library and the CLI. A stage that is down answers
+503, one that is too slow 504; a call whose replica died is sent once more; a request over
+the cost budget (``serving.cost``) or otherwise bad never reaches a stage, nor one that could
+not finish before its deadline at the measured rate (``serving.admission``: 503 with
+``Retry-After`` at once). Each request has one deadline (``limits.request_timeout_s``) shared
+by its stage calls: a call answers 504 when it passes, and the stage stops sampling at its
+next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import logging
 import secrets
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
 from ray import serve
 from ray.exceptions import (
     ObjectLostError,
@@ -41,7 +40,7 @@ from torch import Tensor
 
 from serving.admission import Admission
 from serving.api import MAX_SEED, GenerateResponse, StageError, make_api
-from serving.batching import DecodeJob, InvertJob, PriorJob, UpsampleJob
+from serving.batching import DecodeJob, InvertJob, LatentJob, PriorJob, UpsampleJob
 from serving.cost import check_cost, request_cost
 from serving.guards import read_api_keys
 from serving.images import decode_image, encode_png_b64
@@ -49,18 +48,9 @@ from serving.limits import Limits
 from unclip import fs, manipulations
 from unclip.checkpoint import load_stage_config, read_bundle_spec
 from unclip.config import SamplingSettings, from_dict, to_dict
-from unclip.manipulations import interpolation_latents, text_diff_latents
-from unclip.pipeline import UnclipPipeline, from_pil, image_seeds, to_uint8
+from unclip.manipulations import ImageInput, prepare_image
+from unclip.pipeline import image_seeds, to_uint8
 
-
-def _default(fn: Any, name: str) -> Any:
-    return inspect.signature(fn).parameters[name].default
-
-
-# the in-process functions' defaults, so that both paths agree
-VARIATIONS_ETA: float = _default(UnclipPipeline.variations, "eta")
-TEXT_DIFF_FROM: str = _default(manipulations.text_diff, "from_text")
-TEXT_DIFF_STRENGTH: float = _default(manipulations.text_diff, "max_strength")
 # a replica died under the call (a RayTaskError wrapping one of these is an instance of it too)
 REPLICA_DIED = (
     RayActorError,  # ActorDiedError, ActorUnavailableError
@@ -131,6 +121,7 @@ class Ingress:
         self.settings: SamplingSettings = spec.sampling
         decoder_cfg = load_stage_config(fs.join(bundle, spec.stages[1]))
         self.decoder_size: int = decoder_cfg.net.image_size  # type: ignore[union-attr]
+        self.clip_size = int(spec.clip["image_size"])  # the CLIP's input side in pixels
         self._readiness: tuple[bool, dict[str, str]] = (False, {})
         self._readiness_at = -float("inf")
         self._readiness_lock = asyncio.Lock()
@@ -178,72 +169,52 @@ class Ingress:
         images = await self._upsample(images, seeds, s, work)
         return await self._respond(images, seed, work, start, [note])
 
+    # The manipulations: the coroutines of unclip.manipulations (the library's and the
+    # CLI's code), with stages that call the deployments (``_ServeStages``).
     @_admitted
     async def variations(self, req: Any, work: Work) -> GenerateResponse:
         start = time.perf_counter()
         n = req.num_images
-        s = self._resolve(decoder_eta=VARIATIONS_ETA if req.eta is None else req.eta)
+        eta = manipulations.VARIATIONS_ETA if req.eta is None else req.eta
+        s = self._resolve(decoder_eta=eta)
         self._admit(work, request_cost(n, s, len(self.upsamplers), inverted=1), ["num_images"])
-        x = await self._decode_images([req.image], ["image"])
-        work.timings["decode_image"] = time.perf_counter() - start
-        seed, seeds = self._seeds(req.seed, n)
-
-        # 1-2. CLIP image encoder (z_i) and DDIM inversion of the decoder: x_T such that
-        # decoding (z_i, x_T) gives the input image back
-        z, x_T = await self._bipartite_latents(x, s, work)
-
-        # 3. decoder with eta > 0 from the shared x_T: variations keep semantics and layout
-        noise = x_T.repeat(n, 1, 1, 1)
-        job = DecodeJob(z.repeat(n, 1), None, seeds, s, noise=noise, deadline=work.deadline)
-        images = await self._call("decoder", self.decoder.sample, job, work)
-
-        # 4. upsamplers
-        images = await self._upsample(images, seeds, s, work)
-        return await self._respond(images, seed, work, start)
+        (x,), stages = await self._inputs([req.image], ["image"], work)
+        seed = self._seed(req.seed)
+        out = await manipulations.compute_variations(stages, x, n, seed, s)
+        return await self._respond(out.images, seed, work, start, out.warnings)
 
     @_admitted
     async def interpolate(self, req: Any, work: Work) -> GenerateResponse:
         start = time.perf_counter()
         s = self.settings
         self._admit(work, request_cost(req.frames, s, len(self.upsamplers), inverted=2), ["frames"])
-        x = await self._decode_images([req.image_a, req.image_b], ["image_a", "image_b"])
-        work.timings["decode_image"] = time.perf_counter() - start
-        seed, seeds = self._seeds(req.seed, req.frames)
-
-        # 1-2. bipartite latents of both images: CLIP image embeddings, decoder DDIM inversion
-        z, x_T = await self._bipartite_latents(x, s, work)
-
-        # 3. slerp from a to b, then decode deterministically from the latents and upsample
-        z, x_T = interpolation_latents(z[0:1], x_T[0:1], z[1:2], x_T[1:2], req.frames)
-        images = await self._decode_latents(z, x_T, seeds, s, work)
-        return await self._respond(images, seed, work, start)
+        (a, b), stages = await self._inputs(
+            [req.image_a, req.image_b], ["image_a", "image_b"], work
+        )
+        seed = self._seed(req.seed)
+        out = await manipulations.compute_interpolation(
+            stages, a, b, req.frames, seed, s, fixed_noise=req.fixed_noise
+        )
+        return await self._respond(out.images, seed, work, start, out.warnings)
 
     @_admitted
     async def text_diff(self, req: Any, work: Work) -> GenerateResponse:
         start = time.perf_counter()
         s = self.settings
         self._admit(work, request_cost(req.frames, s, len(self.upsamplers), inverted=1), ["frames"])
-        x = await self._decode_images([req.image], ["image"])
-        work.timings["decode_image"] = time.perf_counter() - start
-        seed, seeds = self._seeds(req.seed, req.frames)
-        from_text = TEXT_DIFF_FROM if req.from_text is None else req.from_text
-        strength = TEXT_DIFF_STRENGTH if req.max_strength is None else req.max_strength
-
-        # 1. the two captions' CLIP text embeddings
-        (to_text, note_to), (from_text, note_from) = await asyncio.gather(
-            self._call("text_encoder", self.text_encoder.encode, req.to_text, work),
-            self._call("text_encoder", self.text_encoder.encode, from_text, work),
+        (x,), stages = await self._inputs([req.image], ["image"], work)
+        seed = self._seed(req.seed)
+        out = await manipulations.compute_text_diff(
+            stages,
+            x,
+            req.to_text,
+            manipulations.TEXT_DIFF_FROM if req.from_text is None else req.from_text,
+            req.frames,
+            manipulations.TEXT_DIFF_STRENGTH if req.max_strength is None else req.max_strength,
+            seed,
+            s,
         )
-
-        # 2. the image's bipartite latent
-        z, x_T = await self._bipartite_latents(x, s, work)
-
-        # 3. move z along the text diff with x_T fixed, then decode deterministically
-        z, x_T = text_diff_latents(z, x_T, to_text.emb, from_text.emb, req.frames, strength)
-        images = await self._decode_latents(z, x_T.contiguous(), seeds, s, work)
-        notes = [f"to_text: {note_to}" if note_to else None]
-        notes.append(f"from_text: {note_from}" if note_from else None)
-        return await self._respond(images, seed, work, start, notes)
+        return await self._respond(out.images, seed, work, start, out.warnings)
 
     async def readiness(self) -> tuple[bool, dict[str, str]]:
         """Every stage's state from Serve's controller (its replicas pass ``check_health``),
@@ -271,40 +242,26 @@ class Ingress:
     # ------------------------------------------------------------------ helpers
     def _seeds(self, seed: int | None, n: int) -> tuple[int, list[int]]:
         """The request's seed (a random one if unset) and its per-image seeds."""
-        seed = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
+        seed = self._seed(seed)
         return seed, image_seeds(seed, n)
 
-    async def _decode_images(self, texts: list[str], fields: list[str]) -> Tensor:
-        """Base64 images -> (N, 3, S, S) in [-1, 1] at the decoder's resolution."""
+    def _seed(self, seed: int | None) -> int:
+        """The request's seed, or a random one (returned in the response)."""
+        return secrets.randbelow(MAX_SEED + 1) if seed is None else seed
 
-        def run() -> Tensor:
+    async def _inputs(
+        self, texts: list[str], fields: list[str], work: Work
+    ) -> tuple[list[ImageInput], _ServeStages]:
+        """Base64 images -> each at CLIP's size and the decoder's (``prepare_image``)."""
+        t0 = time.perf_counter()
+
+        def run() -> list[ImageInput]:
             images = [decode_image(t, self.limits, f) for t, f in zip(texts, fields, strict=True)]
-            return torch.cat([from_pil(img, self.decoder_size) for img in images])
+            return [prepare_image(img, self.clip_size, self.decoder_size) for img in images]
 
-        return await asyncio.to_thread(run)
-
-    async def _bipartite_latents(
-        self, x: Tensor, s: SamplingSettings, work: Work
-    ) -> tuple[Tensor, Tensor]:
-        """Images (N, 3, S, S) -> (z_i (N, D) from the CLIP image encoder, x_T by inversion)."""
-        z = await self._call("image_encoder", self.image_encoder.encode, x, work)
-        job = InvertJob(x, z, s, deadline=work.deadline)
-        x_T = await self._call("inversion", self.decoder.invert, job, work)
-        return z, x_T
-
-    async def _decode_latents(
-        self,
-        z: Tensor,
-        x_T: Tensor,
-        seeds: list[int],
-        s: SamplingSettings,
-        work: Work,
-    ) -> Tensor:
-        """Decode (z, x_T) rows with eta 0 (deterministic given the latent), then upsample."""
-        s0 = replace(s, decoder_eta=0.0)
-        job = DecodeJob(z, None, seeds, s0, noise=x_T, deadline=work.deadline)
-        images = await self._call("decoder", self.decoder.sample, job, work)
-        return await self._upsample(images, seeds, s, work)
+        inputs = await asyncio.to_thread(run)
+        work.timings["decode_image"] = time.perf_counter() - t0
+        return inputs, _ServeStages(self, work)
 
     def _stages(self) -> dict[str, DeploymentHandle]:
         stages = {
@@ -388,3 +345,37 @@ class Ingress:
 
 async def _awaitable(response: DeploymentResponse) -> Any:
     return await response
+
+
+class _ServeStages:
+    """``unclip.manipulations.Stages`` over the ingress's deployment handles, within one
+    request's ``Work`` (its deadline and timings)."""
+
+    def __init__(self, ingress: Ingress, work: Work) -> None:
+        self.ingress = ingress
+        self.work = work
+        self.timings = work.timings
+
+    async def _call(self, stage: str, method: Any, arg: Any) -> Any:
+        before = self.timings.pop(stage, 0.0)
+        out = await self.ingress._call(stage, method, arg, self.work)
+        self.timings[stage] += before
+        return out
+
+    async def encode_images(self, images: Tensor) -> Tensor:
+        return await self._call("image_encoder", self.ingress.image_encoder.encode, images)
+
+    async def encode_text(self, text: str) -> tuple[Tensor, str | None]:
+        cond, note = await self._call("text_encoder", self.ingress.text_encoder.encode, text)
+        return cond.emb, note
+
+    async def invert(self, images: Tensor, z: Tensor, s: SamplingSettings) -> Tensor:
+        job = InvertJob(images, z, s, deadline=self.work.deadline)
+        return await self._call("inversion", self.ingress.decoder.invert, job)
+
+    async def decode(self, z: Tensor, x_T: Tensor, seeds: list[int], s: SamplingSettings) -> Tensor:
+        job = LatentJob(z, x_T, seeds, s, deadline=self.work.deadline)
+        return await self._call("decoder", self.ingress.decoder.decode_latents, job)
+
+    async def upsample(self, images: Tensor, seeds: list[int], s: SamplingSettings) -> Tensor:
+        return await self.ingress._upsample(images, seeds, s, self.work)

@@ -124,16 +124,23 @@ class Browser:
         self.send("Input.insertText", {"text": text})
 
     def click(self, selector: str) -> None:
-        """A real mouse click at the centre of the element."""
+        """A real mouse click at the centre of the element (scrolled into view first)."""
         box = self.eval(
-            f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
-            ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)}); "
+            "e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect(); "
+            "return [r.x + r.width / 2, r.y + r.height / 2]; })()"
         )
         for kind in ("mousePressed", "mouseReleased"):
             self.send(
                 "Input.dispatchMouseEvent",
                 {"type": kind, "x": box[0], "y": box[1], "button": "left", "clickCount": 1},
             )
+
+    def set_files(self, selector: str, paths: list[str]) -> None:
+        """Choose files in an ``<input type=file>`` as a user would (fires ``change``)."""
+        root = self.send("DOM.getDocument")["root"]["nodeId"]
+        node = self.send("DOM.querySelector", {"nodeId": root, "selector": selector})["nodeId"]
+        self.send("DOM.setFileInputFiles", {"files": paths, "nodeId": node})
 
     def wait_for(self, expression: str, timeout_s: float = 60, context: str = "") -> Any:
         """Poll ``expression`` until truthy; on timeout, fail showing ``context``'s value."""

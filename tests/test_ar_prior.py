@@ -25,7 +25,9 @@ def test_pca_codebook_roundtrip() -> None:
     assert explained > 0.99  # rank-6 data, 8 components kept
     back = prior.decode(prior.encode(z))
     assert (back * z).sum(-1).min().item() > 0.99
-    assert prior.encode(z).min() >= 0 and prior.encode(z).max() < 256
+    # the 256 buckets are used: quantisation spreads over the range, not into a few bins
+    codes = prior.encode(z)
+    assert len(torch.unique(codes)) > 128
 
 
 def test_keep_top_mass_keeps_the_highest_buckets() -> None:

@@ -54,10 +54,29 @@ def test_constants_are_float64_and_schedules_sane() -> None:
         assert d.alphas_cumprod.dtype == torch.float64
         ac = d.alphas_cumprod.numpy()
         assert np.all(np.diff(ac) < 0) and ac[0] > 0.99 and ac[-1] < 0.01
+        # q(x_{t-1} | x_t, x_0) by conditioning the joint Gaussian of (x_{t-1}, x_t) given x_0:
+        # x_t = sqrt(alpha_t) x_{t-1} + sqrt(beta_t) e, Var(x_{t-1} | x0) = 1 - ab_prev
+        alpha = 1 - d.betas.numpy()
+        ab_prev = np.append(1.0, ac[:-1])
+        var_prev, var_t = 1 - ab_prev, 1 - ac
+        cov = np.sqrt(alpha) * var_prev
         np.testing.assert_allclose(
-            d.posterior_variance[1:].numpy(),
-            (d.betas * (1 - d.alphas_cumprod_prev) / (1 - d.alphas_cumprod))[1:].numpy(),
+            d.posterior_variance.numpy()[1:], (var_prev - cov**2 / var_t)[1:], rtol=1e-9
         )
+        # the mean's x_t coefficient: Cov / Var(x_t)
+        np.testing.assert_allclose(
+            d.posterior_mean_coef2.numpy(), cov / var_t, rtol=1e-9, atol=1e-12
+        )
+    # the closed forms of the schedules: cosine alpha_bar(t) = f(t) / f(0) (Nichol & Dhariwal
+    # 2021) up to the 0.999 beta clip at the end; DDPM's linear schedule ends at ~4.04e-5
+    T, s = 1000, 0.008
+    f = lambda t: np.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    cos_ac = make(schedule="cosine").alphas_cumprod.numpy()
+    steps = np.arange(1, T + 1)
+    np.testing.assert_allclose(cos_ac[:990], (f(steps) / f(0))[:990], rtol=1e-9)
+    lin = make(schedule="linear")
+    np.testing.assert_allclose(lin.betas.numpy()[[0, -1]], [1e-4, 0.02])
+    assert math.isclose(float(lin.alphas_cumprod[-1]), 4.036e-5, rel_tol=1e-3)
 
 
 def test_q_sample_matches_closed_form_marginal() -> None:
@@ -183,7 +202,6 @@ def test_min_snr_weighting_is_the_same_objective_in_every_parameterisation() -> 
     losses = {}
     for prediction in ("eps", "x0", "v"):
         d = make(prediction, loss_weighting="min_snr", min_snr_gamma=5.0)
-        exact = gaussian_denoiser(d, prediction, mu=0.0, s=1.0)
 
         # a deliberately imperfect model: the exact x0 estimate, shrunk by 10%
         def fn(x_t, ts, d=d, prediction=prediction):
@@ -193,12 +211,14 @@ def test_min_snr_weighting_is_the_same_objective_in_every_parameterisation() -> 
             eps_hat = (x_t - a * x0_hat) / b
             return {"x0": x0_hat, "eps": eps_hat, "v": a * eps_hat - b * x0_hat}[prediction]
 
-        assert exact is not None
         losses[prediction] = d.training_losses(fn, x0, t, noise)
     torch.testing.assert_close(losses["eps"], losses["x0"])
     torch.testing.assert_close(losses["v"], losses["x0"])
     snr = make().snr[t]
-    assert torch.all(make("x0", loss_weighting="min_snr").loss_weights(t) <= 5.0)
+    # eps-prediction under min-SNR: the plain eps loss where SNR <= 5 (high noise), less
+    # weight only where the signal dominates
+    w_eps = make("eps", loss_weighting="min_snr").loss_weights(t)
+    assert torch.all(w_eps[snr <= 5.0] == 1.0) and torch.all(w_eps[snr > 5.0] < 1.0)
     torch.testing.assert_close(
         make("eps", loss_weighting="min_snr").loss_weights(t), snr.clamp(max=5.0) / snr
     )
@@ -208,7 +228,6 @@ def test_classifier_free_guidance_combination_and_batched_wrapper() -> None:
     c, u = torch.randn(4, 3), torch.randn(4, 3)
     torch.testing.assert_close(guidance(c, u, 1.0), c)
     torch.testing.assert_close(guidance(c, u, 0.0), u)
-    torch.testing.assert_close(guidance(c, u, 3.0), u + 3 * (c - u))
 
     def net(x, t, cond, drop):  # conditional: x + cond; unconditional: x
         return x + torch.where(drop[:, None], torch.zeros_like(cond), cond)

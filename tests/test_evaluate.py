@@ -93,6 +93,7 @@ def test_eval_writes_the_report_and_is_reproducible(setup, tmp_path) -> None:
         upsampler_steps=2,
         prior_steps=3,
         num_cpus_per_worker=1,
+        manipulations=4,
     )
     first = evaluate(setup["bundle"], setup["table"], str(tmp_path / "a"), cfg, preset="test")
     report = json.loads((tmp_path / "a" / "eval.json").read_text())
@@ -107,9 +108,22 @@ def test_eval_writes_the_report_and_is_reproducible(setup, tmp_path) -> None:
     grid = Image.open(tmp_path / "a" / "eval_grid.png")
     assert grid.size[0] == 3 * 32 and grid.size[1] == len(METHODS) * 32
     assert "| diffusion_prior |" in (tmp_path / "a" / "eval.md").read_text()
+    # the manipulations section: measured on 4 held-out images, one strip per manipulation
+    m = report["manipulations"]
+    assert m["images"] == 4 and m["output_size"] == 32
+    assert 0.0 <= m["reconstruction"]["oracle_same"] <= 1.0
+    assert m["reconstruction"]["psnr_worst"] <= m["reconstruction"]["psnr_mean"]
+    assert 0.0 <= m["interpolation"]["monotone_steps"] <= 1.0
+    for strip in m["strips"].values():
+        assert Image.open(tmp_path / "a" / strip).size[0] > 0
+    assert "## Manipulations" in (tmp_path / "a" / "eval.md").read_text()
 
     second = evaluate(setup["bundle"], setup["table"], str(tmp_path / "b"), cfg)
     assert [r.__dict__ for r in first.rows] == [r.__dict__ for r in second.rows]
+    drop = ("seconds", "stage_seconds")
+    assert {k: v for k, v in (first.manipulations or {}).items() if k not in drop} == {
+        k: v for k, v in (second.manipulations or {}).items() if k not in drop
+    }
 
 
 def test_eval_refuses_a_table_of_another_clip(setup, tmp_path) -> None:

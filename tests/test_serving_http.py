@@ -179,6 +179,13 @@ def test_interpolation_and_text_diff_match_the_in_process_manipulations(
     local = manipulations.interpolate(pipeline, pil[0], pil[1], frames=3, seed=5)
     assert_close(decode(r.json()["images"]), local.images)
 
+    # fixed_noise holds x_T at image_a's, in Serve as in the library
+    req = {"image_a": a, "image_b": b, "frames": 3, "seed": 5, "fixed_noise": True}
+    r = served.post("/v1/interpolate", json=req)
+    assert r.status_code == 200, r.text
+    local = manipulations.interpolate(pipeline, pil[0], pil[1], frames=3, seed=5, fixed_noise=True)
+    assert_close(decode(r.json()["images"]), local.images)
+
     body = {"image": a, "to_text": "a green square", "frames": 3, "max_strength": 0.4}
     r = served.post("/v1/text-diff", json={**body, "seed": 6})
     assert r.status_code == 200, r.text
@@ -186,6 +193,47 @@ def test_interpolation_and_text_diff_match_the_in_process_manipulations(
         pipeline, pil[0], "a green square", frames=3, max_strength=0.4, seed=6
     )
     assert_close(decode(r.json()["images"]), local.images)
+
+
+def test_cli_manipulations_give_the_pixels_of_the_endpoints(served: Served, tmp_path) -> None:
+    """`unclip vary` / `interpolate` / `text-diff` and the endpoints run the same code:
+    same seed and settings, same pixels."""
+    from unclip.cli import main
+
+    a = served.generate(prompt="a red circle", seed=1, decoder_steps=4)["images"][0]
+    b = served.generate(prompt="a blue square", seed=2, decoder_steps=4)["images"][0]
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path, img in zip(paths, (a, b), strict=True):
+        path.write_bytes(base64.b64decode(img))
+    calls = [
+        (
+            "/v1/variations",
+            {"image": a, "num_images": 2, "eta": 0.5},
+            ["vary", str(paths[0]), "-n", "2", "--eta", "0.5"],
+        ),
+        (
+            "/v1/interpolate",
+            {"image_a": a, "image_b": b, "frames": 3},
+            ["interpolate", str(paths[0]), str(paths[1]), "--frames", "3"],
+        ),
+        (
+            "/v1/text-diff",
+            {"image": a, "to_text": "a green square", "from_text": "a red circle", "frames": 3},
+            ["text-diff", str(paths[0]), "--to", "a green square", "--from", "a red circle"]
+            + ["--frames", "3"],
+        ),
+    ]
+    for path, body, argv in calls:
+        r = served.post(path, json={**body, "seed": 8})
+        assert r.status_code == 200, r.text
+        out = tmp_path / f"{argv[0]}.png"
+        assert main([*argv, "--bundle", served.bundle, "--seed", "8", "-o", str(out)]) == 0
+        strip = np.asarray(Image.open(out).convert("RGB"))
+        served_images = decode(r.json()["images"])
+        n, h, w, _ = served_images.shape
+        assert strip.shape == (h, n * w, 3)
+        cli_images = strip.reshape(h, n, w, 3).transpose(1, 0, 2, 3)
+        assert_close(served_images, cli_images)
 
 
 def test_health_docs_and_page(served: Served) -> None:
@@ -378,6 +426,61 @@ def test_web_page_generates_in_headless_chromium(served: Served) -> None:
         page.click("#generate")
         err = page.wait_for("document.getElementById('error').textContent")
         assert err.startswith("422") and "prompt" in err
+
+
+@pytest.mark.slow
+def test_web_page_manipulates_images_in_headless_chromium(served: Served, tmp_path) -> None:
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip("no chromium found (apt-get install -y chromium; see infra/ci_setup.sh)")
+    a = served.generate(prompt="a red circle", seed=1, decoder_steps=4)["images"][0]
+    b = served.generate(prompt="a blue square", seed=2, decoder_steps=4)["images"][0]
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path, img in zip(paths, (a, b), strict=True):
+        path.write_bytes(base64.b64decode(img))
+    shown = (
+        "document.querySelectorAll('#images img').length === {n} && "
+        "[...document.querySelectorAll('#images img')].every(i => i.complete && "
+        "i.naturalWidth === 32) && [...document.querySelectorAll('#images img')].map(i => i.src)"
+    )
+    context = (
+        "document.getElementById('status').textContent + ' | ' + "
+        "document.getElementById('error').textContent"
+    )
+    with Browser(exe) as page:
+        page.navigate(served.url + "/")
+        page.set_files("#image_a", [str(paths[0])])
+        page.set_files("#image_b", [str(paths[1])])
+        page.type_into("#seed", "4")
+        page.type_into("#num_images", "2")
+        page.type_into("#eta", "0.5")
+        page.click("#vary")
+        srcs = page.wait_for(shown.format(n=2), timeout_s=120, context=context)
+        # the page's variations are the API's for the same request
+        api = served.post(
+            "/v1/variations", json={"image": a, "num_images": 2, "eta": 0.5, "seed": 4}
+        ).json()["images"]
+        assert [s.removeprefix("data:image/png;base64,") for s in srcs] == api
+
+        page.type_into("#frames", "3")
+        page.click("#interpolate")
+        page.wait_for(
+            shown.format(n=3) + " && document.querySelector('#images img').alt.includes('interp')",
+            timeout_s=120,
+            context=context,
+        )
+        page.type_into("#to_text", "a green square")
+        page.click("#text_diff")
+        page.wait_for(
+            shown.format(n=3) + " && document.querySelector('#images img').alt.includes('text')",
+            timeout_s=120,
+            context=context,
+        )
+        # a text diff without a target text is refused by the API, and the page says why
+        page.type_into("#to_text", "")
+        page.click("#text_diff")
+        err = page.wait_for("document.getElementById('error').textContent", context=context)
+        assert err.startswith("422") and "to_text" in err
 
 
 # ---------------------------------------------------------------------- slow: load, failure

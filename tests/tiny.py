@@ -89,3 +89,29 @@ def make_tiny_bundle(root: str, text_states: bool = True, seed: int = 0) -> str:
         paths.append(path)
     make_bundle(f"{root}/bundle", f"{root}/clip_ckpt", paths[0], paths[1], [paths[2]])
     return f"{root}/bundle"
+
+
+def make_invertible_bundle(root: str, seed: int = 0) -> str:
+    """A bundle without upsamplers whose decoder (v-prediction) is a smooth, non-trivial
+    network whose predicted x0 overshoots [-1, 1]: every zero-initialised weight drawn at
+    std 0.02 and the output bias set to 1.5 (so x0 is about -1.5 at high noise). DDIM
+    inversion of it is accurate, so decoding an inverted latent must give the image back."""
+    from dataclasses import replace
+
+    from unclip.config import DiffusionConfig
+
+    clip = save_tiny_clip(f"{root}/clip_ckpt", seed)
+    prior_cfg, decoder_cfg, _ = tiny_configs(clip)
+    decoder_cfg = replace(decoder_cfg, diffusion=DiffusionConfig(prediction="v"))
+    torch.manual_seed(seed)
+    prior, decoder = build_model(prior_cfg), build_model(decoder_cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in decoder.net.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(0, 0.02, generator=gen)
+        decoder.net.out[-1].bias.fill_(1.5)
+    for cfg, model in ((prior_cfg, prior), (decoder_cfg, decoder)):
+        save_stage(f"{root}/{cfg.stage}_ckpt", cfg, model.state_dict())
+    make_bundle(f"{root}/bundle", f"{root}/clip_ckpt", f"{root}/prior_ckpt", f"{root}/decoder_ckpt")
+    return f"{root}/bundle"

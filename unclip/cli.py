@@ -44,6 +44,9 @@ COMMANDS: dict[str, str] = {
     "train": "training.cli:run",
     "bundle": "unclip.commands:bundle",
     "generate": "unclip.commands:generate",
+    "vary": "unclip.commands:vary",
+    "interpolate": "unclip.commands:interpolate",
+    "text-diff": "unclip.commands:text_diff",
     "serve": "serving.cli:run",
     "eval": "pipelines.evaluate:run",
     "demo": "pipelines.demo:run",
@@ -173,6 +176,36 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decoder-guidance-scale", type=float, default=None)
     g.add_argument("--candidates", type=int, default=None)
     g.add_argument("--device", default="cpu")
+
+    def manipulation(name: str, help: str, images: list[str]) -> argparse.ArgumentParser:
+        m = sub.add_parser(name, help=help)
+        for image in images:
+            m.add_argument(image, help="an image file (PNG, JPEG, ...; local path or s3://)")
+        m.add_argument("--bundle", required=True)
+        m.add_argument("--seed", type=int, default=0)
+        m.add_argument("-o", "--out", required=True, help="output PNG (the images in a row)")
+        m.add_argument("--device", default="cpu")
+        return m
+
+    m = manipulation("vary", "variations of an image (the same code as /v1/variations)", ["image"])
+    m.add_argument("-n", "--num-images", type=int, default=4)
+    m.add_argument(
+        "--eta", type=float, default=None, help="DDIM eta: 0 gives the image back (default 0.8)"
+    )
+    m = manipulation(
+        "interpolate", "frames between two images (as /v1/interpolate)", ["image_a", "image_b"]
+    )
+    m.add_argument("--frames", type=int, default=5)
+    m.add_argument(
+        "--fixed-noise", action="store_true", help="hold x_T at image_a's instead of slerping it"
+    )
+    m = manipulation("text-diff", "edit an image towards a caption (as /v1/text-diff)", ["image"])
+    m.add_argument("--to", required=True, dest="to_text", help="the caption to move towards")
+    m.add_argument(
+        "--from", default=None, dest="from_text", help='a caption of the image (default "a photo")'
+    )
+    m.add_argument("--frames", type=int, default=5)
+    m.add_argument("--max-strength", type=float, default=None, help="largest theta (default 0.5)")
 
     v = sub.add_parser("serve", help="serve a bundle over HTTP with Ray Serve")
     v.add_argument("--bundle", required=True)

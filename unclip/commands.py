@@ -1,4 +1,6 @@
-"""CLI commands that need no Ray: ``unclip bundle`` and ``unclip generate``."""
+"""CLI commands that need no Ray: ``unclip bundle``, ``unclip generate`` and the image
+manipulations ``unclip vary``, ``unclip interpolate``, ``unclip text-diff`` (the functions of
+``unclip.manipulations``, the same code the Serve endpoints run)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import argparse
 import math
 import sys
 import time
+from typing import Any
 
 from unclip import fs
 from unclip.checkpoint import make_bundle
@@ -57,3 +60,88 @@ def generate(args: argparse.Namespace) -> int:
         f"seed {args.seed} (load {load_s:.1f}s; {stages})"
     )
     return 0
+
+
+def _read_image(uri: str) -> Any:
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from unclip.errors import UserError
+
+    data = fs.read_bytes(uri)
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"{uri}: not a readable image ({e})") from None
+    return img
+
+
+def _write_strip(args: argparse.Namespace, out: Any, what: str, t0: float) -> int:
+    from unclip.pipeline import grid, png_bytes
+
+    for note in out.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    fs.write_bytes(args.out, png_bytes(grid(out.images, len(out.images))))
+    stages = ", ".join(f"{k} {v:.2f}s" for k, v in out.timings.items())
+    print(
+        f"wrote {args.out}: {what}, {len(out.images)} image(s) of {out.images.shape[1]} px, "
+        f"seed {args.seed} ({time.perf_counter() - t0:.1f}s in all; {stages})"
+    )
+    return 0
+
+
+def _check_count(name: str, n: int, low: int, high: int = 64) -> None:
+    from unclip.errors import UserError
+
+    if not low <= n <= high:
+        raise UserError(f"{name} must be between {low} and {high}, got {n}")
+
+
+def vary(args: argparse.Namespace) -> int:
+    from unclip import manipulations
+    from unclip.errors import UserError
+    from unclip.pipeline import UnclipPipeline
+
+    _check_count("-n", args.num_images, 1)
+    if args.eta is not None and not 0.0 <= args.eta <= 1.0:
+        raise UserError(f"--eta must be between 0 and 1, got {args.eta}")
+    t0 = time.perf_counter()
+    image = _read_image(args.image)
+    pipe = UnclipPipeline.from_bundle(args.bundle, device=args.device)
+    out = manipulations.variations(pipe, image, args.num_images, args.eta, args.seed)
+    return _write_strip(args, out, "variations", t0)
+
+
+def interpolate(args: argparse.Namespace) -> int:
+    from unclip import manipulations
+    from unclip.pipeline import UnclipPipeline
+
+    _check_count("--frames", args.frames, 2)
+    t0 = time.perf_counter()
+    a, b = _read_image(args.image_a), _read_image(args.image_b)
+    pipe = UnclipPipeline.from_bundle(args.bundle, device=args.device)
+    out = manipulations.interpolate(pipe, a, b, args.frames, args.seed, args.fixed_noise)
+    return _write_strip(args, out, "interpolation", t0)
+
+
+def text_diff(args: argparse.Namespace) -> int:
+    from unclip import manipulations
+    from unclip.errors import UserError
+    from unclip.pipeline import UnclipPipeline
+
+    _check_count("--frames", args.frames, 2)
+    strength = manipulations.TEXT_DIFF_STRENGTH if args.max_strength is None else args.max_strength
+    if not 0.0 < strength <= 1.0:
+        raise UserError(f"--max-strength must be in (0, 1], got {strength}")
+    from_text = manipulations.TEXT_DIFF_FROM if args.from_text is None else args.from_text
+    if not args.to_text.strip() or not from_text.strip():
+        raise UserError("--to and --from must not be empty")
+    t0 = time.perf_counter()
+    image = _read_image(args.image)
+    pipe = UnclipPipeline.from_bundle(args.bundle, device=args.device)
+    out = manipulations.text_diff(
+        pipe, image, args.to_text, from_text, args.frames, strength, args.seed
+    )
+    return _write_strip(args, out, f"text diff towards {args.to_text!r}", t0)

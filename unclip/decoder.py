@@ -88,25 +88,63 @@ class Decoder(nn.Module):
             clip_denoised=clip_denoised,
         ).clamp(-1, 1)
 
+    # The bipartite latent (unCLIP paper §3) and its decoding. DDIM inversion runs the
+    # deterministic ODE forwards and DDIM decoding runs it backwards: they are inverses only
+    # if both evaluate the same model function, so ``invert`` and ``decode_latent`` take the
+    # same ``steps`` and ``guidance_scale`` (no defaults: a caller states the pair) and both
+    # treat the predicted x0 the same way, by this one flag. Clamping x0 to [-1, 1] on the way
+    # back only would change the ODE (an x0 prediction beyond the range is common at high
+    # noise), so neither direction clamps and the end frames of a manipulation reconstruct.
+    LATENT_CLIP_DENOISED = False
+
     @torch.no_grad()
     def invert(
         self,
         images: Tensor,
         clip_emb: Tensor,
         text: TextCond | None = None,
-        steps: int | None = None,
-        guidance_scale: float = 1.0,
+        *,
+        steps: int,
+        guidance_scale: float,
         fixed_point_iters: int = 1,
         progress: Progress | None = None,
     ) -> Tensor:
-        """DDIM inversion: images (B, 3, S, S) -> x_T such that ``sample(noise=x_T, eta=0,
-        clip_denoised=False)`` with the same steps and scale reconstructs them."""
-        diffusion = self.diffusion.respace(
-            min(steps or self.config.sample_steps, self.diffusion.num_timesteps)
-        )
+        """DDIM inversion: images (B, 3, S, S) in [-1, 1] + their CLIP embeddings (B, D) ->
+        x_T (B, 3, S, S) such that ``decode_latent(clip_emb, x_T)`` with the same ``steps``
+        and ``guidance_scale`` and eta 0 gives the images back."""
+        diffusion = self.diffusion.respace(min(steps, self.diffusion.num_timesteps))
         return diffusion.ddim_invert(
             self._model_fn(clip_emb, text, guidance_scale),
             images,
             fixed_point_iters=fixed_point_iters,
             progress=progress,
+            clip_denoised=self.LATENT_CLIP_DENOISED,
+        )
+
+    @torch.no_grad()
+    def decode_latent(
+        self,
+        clip_emb: Tensor,
+        x_T: Tensor,
+        text: TextCond | None = None,
+        *,
+        steps: int,
+        guidance_scale: float,
+        eta: float = 0.0,
+        generator: Generators = None,
+        progress: Progress | None = None,
+    ) -> Tensor:
+        """Decode bipartite latents (z_i (B, D), x_T (B, 3, S, S) from ``invert`` with the
+        same ``steps`` and ``guidance_scale``) -> images (B, 3, S, S) in [-1, 1]. eta 0
+        reconstructs the inverted image; eta > 0 adds fresh noise per step (variations)."""
+        return self.sample(
+            clip_emb,
+            text,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            noise=x_T,
+            generator=generator,
+            progress=progress,
+            clip_denoised=self.LATENT_CLIP_DENOISED,
         )

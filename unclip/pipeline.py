@@ -4,7 +4,9 @@
 hold one stage and call the same stage functions below (``encode_prompts``, ``sample_prior``,
 ``sample_decoder``, ``sample_upsampler``), so both produce the same images for the same seed.
 
-``invert_decoder`` (DDIM inversion, for variations) is a stage function too.
+``invert_decoder`` (DDIM inversion) and ``decode_latents`` (decoding an inverted latent) are
+stage functions too; the image manipulations built on them (variations, interpolations, text
+diffs) live in ``unclip.manipulations``, written once for the library, the CLI and Serve.
 
 Randomness: image ``j`` of a request with seed ``s`` draws its noise for stage ``k`` from its
 own generator seeded by ``(s, j, k)``, so results do not depend on batching.
@@ -176,14 +178,39 @@ def invert_decoder(
     s: SamplingSettings,
     progress: Progress | None = None,
 ) -> Tensor:
-    """DDIM inversion (images (B, 3, S, S) + their CLIP embeddings (B, D)) -> x_T (B, 3, S, S)
-    such that decoding (image_emb, x_T) with eta 0 gives the images back (docs/method.md)."""
+    """DDIM inversion (images (B, 3, S, S) at the decoder's size + their CLIP embeddings
+    (B, D)) -> x_T (B, 3, S, S) such that ``decode_latents`` with eta 0 gives the images back
+    (unCLIP paper §3). Inversion and decoding both run at ``s.decoder_steps`` and
+    ``s.decoder_guidance_scale``: the bipartite latent belongs to that pair."""
     dev = prior_device(decoder)
     return decoder.invert(
         images.to(dev),
         image_emb.to(dev),
         steps=s.decoder_steps,
         guidance_scale=s.decoder_guidance_scale,
+        progress=progress,
+    )
+
+
+def decode_latents(
+    decoder: Decoder,
+    image_emb: Tensor,
+    x_T: Tensor,
+    seeds: Sequence[int],
+    s: SamplingSettings,
+    progress: Progress | None = None,
+) -> Tensor:
+    """Bipartite latents (z_i (B, D), x_T (B, 3, S, S) from ``invert_decoder`` with the same
+    settings) -> images (B, 3, S, S) in [-1, 1], DDIM with ``s.decoder_eta`` (0: the inverted
+    image itself; > 0: variations, fresh noise from each row's seed)."""
+    dev = prior_device(decoder)
+    return decoder.decode_latent(
+        image_emb.to(dev),
+        x_T.to(dev),
+        steps=s.decoder_steps,
+        guidance_scale=s.decoder_guidance_scale,
+        eta=s.decoder_eta,
+        generator=stage_generators(seeds, STAGE_DECODER),
         progress=progress,
     )
 
@@ -332,47 +359,15 @@ class UnclipPipeline:
         warnings = [n for n in notes if n]
         return Generation(to_uint8(images), seed, timings, image_emb.cpu(), warnings)
 
-    @torch.no_grad()
     def variations(
         self,
         image: Image.Image,
         num_images: int = 1,
-        eta: float = 0.8,
+        eta: float | None = None,
         seed: int = 0,
         settings: SamplingSettings | None = None,
     ) -> Generation:
-        """Image variations (docs/method.md): encode with CLIP, DDIM-invert the decoder to get
-        x_T, then decode (z_i, x_T) with DDIM ``eta`` > 0; upsample as usual."""
-        s = replace(settings or self.settings, decoder_eta=eta)
-        seeds = image_seeds(seed, num_images)
-        timings: dict[str, float] = {}
+        """Image variations (unCLIP paper §3); see ``unclip.manipulations.variations``."""
+        from unclip.manipulations import variations
 
-        # 1. CLIP image encoder: z_i
-        t0 = time.perf_counter()
-        x = from_pil(image, self.decoder.config.net.image_size).to(prior_device(self.decoder))
-        z = self.clip.encode_images(x)
-        timings["image_encoder"] = time.perf_counter() - t0
-
-        # 2. DDIM inversion of the decoder: x_T with (z_i, x_T) -> the input image
-        t0 = time.perf_counter()
-        x_T = invert_decoder(self.decoder, x, z, s)
-        timings["inversion"] = time.perf_counter() - t0
-
-        # 3. decoder with eta > 0 from the shared x_T: variations keep semantics and layout
-        t0 = time.perf_counter()
-        images = sample_decoder(
-            self.decoder,
-            z.repeat(num_images, 1),
-            None,
-            seeds,
-            s,
-            noise=x_T.repeat(num_images, 1, 1, 1),
-        )
-        timings["decoder"] = time.perf_counter() - t0
-
-        # 4. upsamplers
-        for i, up in enumerate(self.upsamplers):
-            t0 = time.perf_counter()
-            images = sample_upsampler(up, images, seeds, s, i)
-            timings[f"upsampler{i + 1}"] = time.perf_counter() - t0
-        return Generation(to_uint8(images), seed, timings, z.cpu())
+        return variations(self, image, num_images, eta, seed, settings)

@@ -11,6 +11,8 @@ training/presets.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -71,6 +73,7 @@ class Upsampler(nn.Module):
             min(steps or cfg.sample_steps, self.diffusion.num_timesteps)
         )
         eta = cfg.sample_eta if eta is None else eta
+        clamp = cfg.diffusion.clip_denoised
         out = diffusion.ddim_sample_loop(
             lambda x, ts: self.net(x, ts, low_res=cond),
             cond.shape,
@@ -79,8 +82,16 @@ class Upsampler(nn.Module):
             generator=generator,
             device=low_res.device,
             progress=progress,
+            # a residual's valid range is [-1 - cond, 1 - cond]: clamp the image it makes
+            denoised_fn=self._clamp_image(cond) if cfg.residual and clamp else None,
+            clip_denoised=clamp and not cfg.residual,
         )
         return (cond + out if cfg.residual else out).clamp(-1, 1)
+
+    @staticmethod
+    def _clamp_image(cond: Tensor) -> Callable[[Tensor], Tensor]:
+        """A predicted residual x0 -> the residual whose image cond + x0 is in [-1, 1]."""
+        return lambda residual: (cond + residual).clamp(-1.0, 1.0) - cond
 
 
 def random_crop(images: Tensor, size: int) -> Tensor:
