@@ -43,6 +43,9 @@ def test_help_lists_every_design_subcommand() -> None:
     ):
         assert cmd in out.stdout
     assert set(COMMANDS) == {
+        "vary",
+        "interpolate",
+        "text-diff",
         "shapes",
         "embed",
         "import-embeddings",

@@ -176,7 +176,11 @@ def test_bundle_pipeline_is_deterministic_and_checks_compatibility(tmp_path) -> 
     long = pipe.generate("a small red circle " * 8, num_images=1, seed=5)
     assert long.images.shape == (1, 32, 32, 3)
     assert len(long.warnings) == 1 and "CLIP context of 16 tokens" in long.warnings[0]
-    var = pipe.variations(__import__("PIL.Image").Image.fromarray(a.images[0]), 2, seed=1)
+    from PIL import Image
+
+    from unclip.manipulations import variations
+
+    var = variations(pipe, Image.fromarray(a.images[0]), 2, seed=1)
     assert var.images.shape == (2, 32, 32, 3)
 
     # a prior trained for another CLIP is refused with a clear message

@@ -162,7 +162,8 @@ def test_variations_follow_the_paper_and_are_reproducible(
     assert a.status_code == 200, a.text
     assert a.json()["images"] == b.json()["images"] and a.json()["seed"] == 7
     assert {"image_encoder", "inversion", "decoder", "upsampler1"} <= set(a.json()["timings"])
-    local = pipeline.variations(Image.open(io.BytesIO(base64.b64decode(src))), 2, 0.5, 7)
+    img = Image.open(io.BytesIO(base64.b64decode(src)))
+    local = manipulations.variations(pipeline, img, 2, 0.5, 7)
     assert_close(decode(a.json()["images"]), local.images)
 
 

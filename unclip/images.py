@@ -8,10 +8,13 @@ on, and not one of a shrunk copy.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image, ImageOps
-from torch import Tensor
+
+if TYPE_CHECKING:  # the ETL's driver reads images without importing torch
+    from torch import Tensor
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -44,6 +47,8 @@ def square(img: Image.Image, size: int) -> Image.Image:
 
 def uint8_to_tensor(pixels: np.ndarray) -> Tensor:
     """(N, S, S, 3) or (S, S, 3) uint8 -> (N, 3, S, S) float in [-1, 1]."""
+    import torch
+
     arr = pixels if pixels.ndim == 4 else pixels[None]
     return torch.from_numpy(np.array(arr, copy=True)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 

@@ -358,16 +358,3 @@ class UnclipPipeline:
             timings[f"upsampler{i + 1}"] = time.perf_counter() - t0
         warnings = [n for n in notes if n]
         return Generation(to_uint8(images), seed, timings, image_emb.cpu(), warnings)
-
-    def variations(
-        self,
-        image: Image.Image,
-        num_images: int = 1,
-        eta: float | None = None,
-        seed: int = 0,
-        settings: SamplingSettings | None = None,
-    ) -> Generation:
-        """Image variations (unCLIP paper §3); see ``unclip.manipulations.variations``."""
-        from unclip.manipulations import variations
-
-        return variations(self, image, num_images, eta, seed, settings)
