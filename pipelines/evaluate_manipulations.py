@@ -68,25 +68,26 @@ def pick_images(
     diff, when the table has enough): original images, captions, ids."""
     from io import BytesIO
 
-    images, captions, ids = [], [], []
     cols = table.column_names
-    n_red = n_other = 0
-    for i in range(table.num_rows):
-        if "colour2" in cols and table.column("colour2")[i].as_py() is not None:
-            continue
-        is_red = "colour" in cols and table.column("colour")[i].as_py() == "red"
-        if is_red and n_red < red:
-            n_red += 1
-        elif n_other < n - red:
-            n_other += 1
-        else:
-            continue
+    one_object = [
+        i
+        for i in range(table.num_rows)
+        if "colour2" not in cols or table.column("colour2")[i].as_py() is None
+    ]
+    reds = [
+        i for i in one_object if "colour" in cols and table.column("colour")[i].as_py() == "red"
+    ]
+    picked = set(reds[: min(red, n)])
+    for i in one_object:  # the rest (or all, when the table has too few red rows) in order
+        if len(picked) >= n:
+            break
+        picked.add(i)
+    images, captions, ids = [], [], []
+    for i in sorted(picked):
         src = table.column("source")[i].as_py()
         images.append(Image.open(BytesIO(fs.read_bytes(src))).convert("RGB"))
         captions.append(table.column("caption")[i].as_py())
         ids.append(table.column("id")[i].as_py())
-        if len(images) == n:
-            break
     return images, captions, ids
 
 

@@ -137,7 +137,7 @@ def test_other_processes_cpu_is_measured_and_our_own_is_not() -> None:
         if work is time.sleep:
             resting = stop()
         else:
-            assert stop() < resting + 0.3
+            assert stop() < resting + 0.6  # counted, our spin would add ~1 core
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)

@@ -17,10 +17,10 @@ from unclip.pipeline import (
     sample_upsampler,
 )
 
-T = torch.get_num_threads()
-FP32, BF16 = numerics.Numerics("none", "contiguous", T), numerics.Numerics("bf16", "contiguous", T)
-FP32_CL = numerics.Numerics("none", "channels_last", T)
-BF16_CL = numerics.Numerics("bf16", "channels_last", T)
+
+def _n(amp: str, fmt: str) -> numerics.Numerics:
+    """A setting at this process's current thread count (an earlier test may change it)."""
+    return numerics.Numerics(amp, fmt, torch.get_num_threads())  # type: ignore[arg-type]
 
 
 def test_the_override_is_parsed_and_a_bad_one_names_the_variable(monkeypatch) -> None:
@@ -87,13 +87,22 @@ def test_a_cached_choice_is_applied_without_timing(pipe, monkeypatch, tmp_path) 
     # what a probe by another process on this machine left behind
     cache.put(
         sampling_numerics.workload(up),
-        numerics.Choice(BF16_CL, {BF16_CL: 0.1, FP32: 0.3, BF16: 0.2, FP32_CL: 0.25}, "probe"),
+        numerics.Choice(
+            _n("bf16", "channels_last"),
+            {
+                _n("bf16", "channels_last"): 0.1,
+                _n("none", "contiguous"): 0.3,
+                _n("bf16", "contiguous"): 0.2,
+                _n("none", "channels_last"): 0.25,
+            },
+            "probe",
+        ),
     )
 
     def never(m: torch.nn.Module, rows: torch.Tensor) -> None:
         raise AssertionError("a cached choice must not be timed")
 
-    assert sampling_numerics.ensure(up, never, 1, cache) == BF16_CL
+    assert sampling_numerics.ensure(up, never, 1, cache) == _n("bf16", "channels_last")
     assert _layout_is(up, "channels_last")
 
 
@@ -114,7 +123,8 @@ def test_fixed_numerics_are_honoured_and_exact_decodes_stay_fp32(pipe, monkeypat
         fresh_dtypes, dtypes[:] = set(dtypes), []
         exact = sample_decoder(p.decoder, emb, text, seeds, s, noise=x_T)
         out[setting] = (fresh, exact, fresh_dtypes, set(dtypes))
-        assert sampling_numerics.chosen(p.decoder) == (FP32 if setting == "fp32" else BF16_CL)
+        want = _n("none", "contiguous") if setting == "fp32" else _n("bf16", "channels_last")
+        assert sampling_numerics.chosen(p.decoder) == want
         up = sample_upsampler(p.upsamplers[0], torch.zeros(2, 3, 16, 16), seeds, s)
         assert up.dtype == fresh.dtype == torch.float32  # callers always get fp32 pixels
     fp32, bf16 = out["fp32"], out["bf16/channels_last"]
