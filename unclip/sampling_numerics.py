@@ -18,6 +18,7 @@ which a reconstruction cannot afford. The prior is small and gains little (1.17x
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -85,7 +86,7 @@ def ensure(
 
     def step(n: numerics.Numerics) -> None:
         if n not in copies:  # probe on copies: the model itself changes layout only once
-            copies[n] = n.apply(_copy(model))
+            copies[n] = n.apply(copy.deepcopy(model))
         with torch.no_grad(), n.autocast(device.type):
             call(copies[n], index)
 
@@ -109,9 +110,3 @@ def running(model: nn.Module, exact: bool = False) -> Iterator[None]:
     device = next(model.parameters()).device
     with nullcontext() if exact or n is None else n.autocast(device.type):
         yield
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
