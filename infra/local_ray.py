@@ -9,8 +9,14 @@ for each other at every parallel region, stall together. Measured on a 2-core Xe
 second, lower-priority (nice 19) job running beside the quick demo: the CLIP trained at
 0.7 steps/s with Ray's default niceness and at 2.2 steps/s with niceness 0.
 
+The same local Ray's own processes (raylet, GCS, dashboard, Ray Train's and Ray Data's
+control actors, idle workers) then run at nice 0 too and wake up ~2,000 times a second in
+all, each time preempting a torch thread: ``UNCLIP_QUIET_RAY`` (set here) lets a training
+loop raise their niceness once its data is in memory (``training.priority``).
+
 Joining an existing cluster (``RAY_ADDRESS`` or ``address=``) changes nothing: its raylets
-already run with the cluster's own settings. An explicit ``RAY_worker_niceness`` wins.
+already run with the cluster's own settings, and their workers never see these variables.
+An explicit ``RAY_worker_niceness`` or ``UNCLIP_QUIET_RAY`` (empty: off) wins.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 from typing import Any
 
 WORKER_NICENESS = "RAY_worker_niceness"
+QUIET_RAY = "UNCLIP_QUIET_RAY"  # training.priority.QUIET_ENV (infra does not import training)
 
 
 def init(**kwargs: Any) -> Any:
@@ -26,4 +33,5 @@ def init(**kwargs: Any) -> Any:
     import ray
 
     os.environ.setdefault(WORKER_NICENESS, "0")  # read by the raylet ray.init spawns
+    os.environ.setdefault(QUIET_RAY, "10")  # inherited by the workers of a raylet started here
     return ray.init(**kwargs)

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from training import priority
 from training.clip_data import (
     HardNegatives,
     ImageTextData,
@@ -122,6 +123,7 @@ def train_loop(config: dict[str, Any]) -> None:
         import ray
 
         data = ray.get(data)
+    priority.quiet_session()  # the data is in memory: nothing of Ray's needs full priority
     images, tokens = data["images"], data["tokens"]  # (N, 3, S, S) uint8, (N, L) int32
     groups = None
     if cfg.hard_negatives and "group_key" in data:

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass, replace
 from typing import Any
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from training import priority
 from training.presets import TrainConfig, train_config_from_dict, train_config_to_dict
 from training.runs import checkpoint_dir_name, restored_train_state
 from training.stages import Batch, Stage, stage_for
@@ -282,9 +284,10 @@ def in_memory_batches(
     data pipeline at all: streaming batches through Ray Data's iterator in the training
     process cost 40% per decoder step on 2 cores (its threads preempt torch's)."""
     parts: dict[str, list[torch.Tensor]] = {}
-    for batch in shard.iter_torch_batches(batch_size=4096, device="cpu"):
-        for k, v in batch.items():
-            parts.setdefault(k, []).append(v)
+    with data_threads():
+        for batch in shard.iter_torch_batches(batch_size=4096, device="cpu"):
+            for k, v in batch.items():
+                parts.setdefault(k, []).append(v)
     data = {k: torch.cat(v) for k, v in parts.items()}
     n = len(next(iter(data.values()))) if data else 0
     if n < run.batch_size:
@@ -302,9 +305,26 @@ def in_memory_batches(
 
 def first_rows(dataset: Any, n: int) -> Batch | None:
     """The first ``n`` rows of a (small) dataset as one batch, or None if it is empty."""
-    for batch in dataset.iter_torch_batches(batch_size=n, device="cpu"):
-        return batch
+    with data_threads():
+        for batch in dataset.iter_torch_batches(batch_size=n, device="cpu"):
+            return batch
     return None
+
+
+@contextmanager
+def data_threads() -> Iterator[None]:
+    """Torch at one thread while Ray Data's iterator threads run their first torch ops.
+
+    A thread's first torch op fixes its OpenMP team size; a thread that ran ops with a team
+    of 2 keeps an OpenMP pool, and while it exists the training thread's own 2-thread ops
+    ran 1.6x slower on 2 cores (libgomp throttles its spin-waiting once it manages more
+    threads than there are cores; measured, docs/benchmarks.md "Training inside Ray")."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def load_clip(stage: Stage, device: torch.device) -> Clip:
@@ -434,6 +454,8 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         batches = endless_batches(shard, run, device)
     first = next(batches)  # probed on, then trained on first: the data order is unchanged
     batches = itertools.chain([first], batches)
+    if run.cache_data:  # the data is in memory: nothing of Ray's is needed at full priority
+        priority.quiet_session()
 
     # model, optimiser, EMA; restored from the latest checkpoint if Ray hands one over
     torch.manual_seed(_seed(run.seed, rank, 0))

@@ -1,0 +1,86 @@
+"""training.priority: a local Ray's own processes are reniced, training workers never."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from training import priority
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+# head (the "driver") -> raylet + gcs; raylet -> two training workers, an idle worker, and a
+# control actor already at nice 15. Titles set with `exec -a`, as Ray's setproctitle does.
+TREE = """
+( exec -a gcs_server sleep 60 ) &
+bash -c '
+  ( exec -a ray::RayTrainWorker sleep 60 ) &
+  ( exec -a ray::RayTrainWorker sleep 60 ) &
+  ( exec -a ray::IDLE sleep 60 ) &
+  ( renice -n 15 -p $BASHPID >/dev/null; exec -a ray::TrainController sleep 60 ) &
+  wait' &
+wait
+"""
+
+
+def _children(pid: int) -> list[int]:
+    return [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and priority._parent(int(p.name)) == pid
+    ]
+
+
+@pytest.fixture
+def session():
+    head = subprocess.Popen(["bash", "-c", TREE], start_new_session=True)
+    try:
+        for _ in range(100):  # until all six processes exist
+            kids = _children(head.pid)
+            raylet = next((k for k in kids if priority._title(k) == "bash"), 0)
+            workers = _children(raylet) if raylet else []
+            titles = sorted(priority._title(w) for w in workers)
+            if len(kids) == 2 and len(workers) == 4 and "ray::TrainController" in titles:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the fake session did not start")
+        yield head.pid, raylet, kids, workers
+    finally:
+        os.killpg(head.pid, 9)
+        head.wait()
+
+
+def _nice(pid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, pid)
+
+
+def test_other_processes_of_the_session_are_reniced_training_workers_are_not(
+    session, monkeypatch
+):
+    head, raylet, kids, workers = session
+    me = next(w for w in workers if priority._title(w) == "ray::RayTrainWorker")
+    gcs = next(k for k in kids if k != raylet)
+    by_title = {priority._title(w): w for w in workers if w != me}
+    assert priority.quiet_session(me) == []  # no variable: not our local Ray, nothing changes
+    assert _nice(gcs) == 0
+
+    monkeypatch.setenv(priority.QUIET_ENV, "10")
+    changed = priority.quiet_session(me)
+
+    assert sorted(changed) == sorted([raylet, gcs, by_title["ray::IDLE"]])
+    assert _nice(raylet) == _nice(gcs) == _nice(by_title["ray::IDLE"]) == 10
+    assert _nice(by_title["ray::TrainController"]) == 15  # never lowered
+    assert _nice(me) == _nice(by_title["ray::RayTrainWorker"]) == 0
+    assert _nice(head) == 0  # the driver keeps its priority
+    assert priority.quiet_session(me) == []  # idempotent
+
+
+def test_a_worker_without_a_raylet_parent_changes_nothing(monkeypatch):
+    monkeypatch.setenv(priority.QUIET_ENV, "10")
+    assert priority.session_processes(1) == []
