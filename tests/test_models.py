@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -263,3 +265,33 @@ def test_best_of_n_keeps_the_candidate_most_aligned_with_the_text(tmp_path) -> N
     dots = (each @ text.T).squeeze(1)
     assert dots.max() - dots.min() > 1e-3  # the candidates differ
     torch.testing.assert_close(picked, each[dots.argmax()][None])
+
+
+def test_conditioning_noise_changes_training_only_not_sampling() -> None:
+    """``DecoderConfig.clip_noise`` perturbs the conditioning the decoder trains on; sampling
+    with the same weights gives the same images with it on or off, and a negative value is
+    refused with the field's name."""
+    torch.manual_seed(0)
+    net = UNetConfig(image_size=8, channel_mult=(1,), clip_dim=16, clip_whiten=True)
+    plain_cfg = DecoderConfig(net=net, clip_drop_prob=0.0, text_drop_prob=0.0)
+    plain = build_model(plain_cfg)
+    noisy = build_model(replace(plain_cfg, clip_noise=0.5))
+    for p in plain.parameters():  # out of its zero init: the conditioning reaches the output
+        p.data.normal_(0, 0.2)
+    noisy.load_state_dict(plain.state_dict())
+    emb = F.normalize(torch.randn(4, 16), dim=-1)
+    images = torch.rand(4, 3, 8, 8) * 2 - 1
+
+    def sample(model: torch.nn.Module) -> torch.Tensor:
+        return model.sample(emb, steps=3, generator=torch.Generator().manual_seed(1))
+
+    assert torch.equal(sample(plain), sample(noisy))
+
+    seen: list[torch.Tensor] = []  # what the UNet's conditioning projection receives
+    for model in (plain, noisy):
+        hook = model.net.clip_to_emb.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+        model(images, emb)
+        hook.remove()
+    assert not torch.allclose(seen[0], seen[1], atol=1e-3)
+    with pytest.raises(ConfigError, match="clip_noise"):
+        replace(plain_cfg, clip_noise=-0.1)

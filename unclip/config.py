@@ -206,9 +206,17 @@ class DecoderConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     clip_drop_prob: float = 0.1
     text_drop_prob: float = 0.5
+    # conditioning augmentation: during training, Gaussian noise of std ~ U(0, clip_noise)
+    # per example is added to the CLIP embedding in the UNet's (whitened) coordinates, so the
+    # decoder also reads embeddings a little off the training set's, as the prior's are
+    clip_noise: float = 0.0
     sample_steps: int = 50
     sample_eta: float = 0.0
     guidance_scale: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.clip_noise < 0:
+            raise ConfigError(f"decoder clip_noise must be >= 0, got {self.clip_noise}")
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,16 @@ class Decoder(nn.Module):
         clip_drop = torch.rand(B, device=images.device) < self.config.clip_drop_prob
         text_drop = torch.rand(B, device=images.device) < self.config.text_drop_prob
         states, mask = (text.states, text.mask) if text is not None else (None, None)
+        noise = None
+        if self.config.clip_noise > 0:  # (B, D): std ~ U(0, clip_noise) per example
+            std = torch.rand(B, 1, device=images.device) * self.config.clip_noise
+            noise = std * torch.randn_like(clip_emb, dtype=torch.float32)
 
         def model_fn(x: Tensor, ts: Tensor) -> Tensor:
-            return self.net(x, ts, clip_emb, states, mask, clip_drop=clip_drop, text_drop=text_drop)
+            return self.net(
+                x, ts, clip_emb, states, mask,
+                clip_drop=clip_drop, text_drop=text_drop, clip_noise=noise,
+            )  # fmt: skip
 
         return self.diffusion.training_losses(model_fn, images, t).mean()
 

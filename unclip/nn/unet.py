@@ -182,6 +182,7 @@ class UNet(nn.Module):
         low_res: Tensor | None = None,
         clip_drop: Tensor | None = None,
         text_drop: Tensor | None = None,
+        clip_noise: Tensor | None = None,
     ) -> Tensor:
         """Predict the diffusion target for x_t.
 
@@ -194,6 +195,8 @@ class UNet(nn.Module):
             text_mask: (B, L) bool, True for real tokens.
             low_res: upsampled low-res image (B, low_res_channels, S, S) for upsamplers.
             clip_drop / text_drop: (B,) bool, True = learned null conditioning (CFG).
+            clip_noise: (B, clip_dim) added to the (whitened) CLIP embedding: training-time
+               conditioning augmentation (``DecoderConfig.clip_noise``).
         Returns:
             (B, out_channels, S, S)
         """
@@ -209,6 +212,8 @@ class UNet(nn.Module):
             assert clip_emb is not None and clip_emb.shape == (B, cfg.clip_dim), "need clip_emb"
             if cfg.clip_whiten:  # (B, D) @ (D, D)
                 clip_emb = (clip_emb.float() - self.clip_mean) @ self.clip_whitening
+            if clip_noise is not None:
+                clip_emb = clip_emb + clip_noise
             clip_emb = replace_where(clip_drop, clip_emb.to(x.dtype), self.null_clip)
             emb = emb + self.clip_to_emb(clip_emb)
             ctx_parts.append(self.clip_to_tokens(clip_emb).reshape(B, cfg.clip_tokens, -1))
