@@ -220,9 +220,10 @@ def _evaluate(w: Path, p: DemoPreset) -> None:
     print(markdown_table(report))
 
 
-def _serve_and_call(w: Path, port: int) -> str:
+def _serve_and_call(w: Path, port: int, p: DemoPreset) -> str:
     """Start Serve on the bundle, POST /v1/generate over HTTP (all prompts at once, so Serve
-    batches them), save the images."""
+    batches them; the evaluation's decoder and upsampler steps, so that the 16 images fit
+    one request deadline on the slowest 2-core CPU too), save the images."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ray import serve
@@ -237,14 +238,19 @@ def _serve_and_call(w: Path, port: int) -> str:
     url = f"http://127.0.0.1:{port}"
     print(
         f"[serve] ready at {url} in {time.perf_counter() - t:.0f} s; sending {len(PROMPTS)} "
-        "concurrent /v1/generate requests of 4 images each",
+        f"concurrent /v1/generate requests of 4 images each ({p.eval_decoder_steps} decoder, "
+        f"{p.eval_upsampler_steps} upsampler steps)",
         flush=True,
     )
     out = w / "samples"
     out.mkdir(parents=True, exist_ok=True)
     try:
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            replies = pool.map(lambda ip: _generate(url, *ip), enumerate(PROMPTS))
+            steps = {
+                "decoder_steps": p.eval_decoder_steps,
+                "upsampler_steps": p.eval_upsampler_steps,
+            }
+            replies = pool.map(lambda ip: _generate(url, *ip, steps), enumerate(PROMPTS))
             for i, (prompt, reply, seconds) in enumerate(replies):
                 for j, b64 in enumerate(reply["images"]):
                     (out / f"prompt{i}_{j}.png").write_bytes(base64.b64decode(b64))
@@ -257,16 +263,26 @@ def _serve_and_call(w: Path, port: int) -> str:
     return url
 
 
-def _generate(url: str, seed: int, prompt: str) -> tuple[str, dict, float]:
+def _generate(url: str, seed: int, prompt: str, steps: dict[str, int]) -> tuple[str, dict, float]:
+    import urllib.error
     import urllib.request
 
-    body = json.dumps({"prompt": prompt, "num_images": 4, "seed": seed}).encode()
+    body = json.dumps({"prompt": prompt, "num_images": 4, "seed": seed, **steps}).encode()
     req = urllib.request.Request(
         f"{url}/v1/generate", data=body, headers={"Content-Type": "application/json"}
     )
     t = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=600) as resp:
-        return prompt, json.loads(resp.read()), time.perf_counter() - t
+    try:
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            return prompt, json.loads(resp.read()), time.perf_counter() - t
+    except urllib.error.HTTPError as e:  # the server's JSON error says what happened
+        detail = e.read().decode(errors="replace")[:300]
+        raise UserError(
+            f"serve: POST /v1/generate {prompt!r} answered {e.code} after "
+            f"{time.perf_counter() - t:.0f} s: {detail}; the bundle and its evaluation are "
+            "complete: serve it with `unclip serve --bundle WORKDIR/bundle` and ask for fewer "
+            "images or steps on this machine"
+        ) from None
 
 
 def _report(
@@ -406,7 +422,7 @@ def run(args: argparse.Namespace) -> int:
         elif stage.name == "eval":
             _evaluate(w, p)
         elif stage.name == "serve":
-            url = _serve_and_call(w, args.port)
+            url = _serve_and_call(w, args.port, p)
         seconds[stage.name] = time.perf_counter() - t0
         _mark(w, stage, p.name, seconds[stage.name])
         print(

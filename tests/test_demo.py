@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from pipelines.demo import PRESETS, _is_done, _mark, _report, cut_short, stages, training_record
 from unclip.cli import build_parser
+from unclip.errors import UserError
 
 
 def test_every_stage_is_a_valid_unclip_command_in_order(tmp_path) -> None:
@@ -84,3 +87,38 @@ def test_a_stage_cut_short_is_reported_in_console_report_and_eval_json(tmp_path:
     _report(w, PRESETS["quick"], {"clip": 100.0}, "http://x", training)
     assert "Not a full run" not in (w / "report.md").read_text()
     assert json.loads((w / "eval.json").read_text())["cut_short"] == []
+
+
+def test_a_failed_sample_request_ends_with_one_line_naming_the_answer() -> None:
+    """The demo's HTTP step against a server that answers 504 (as Serve does past a
+    request's deadline on a slow CPU): a UserError with the status and the server's message,
+    not a traceback; the request carried the evaluation's step counts."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from pipelines.demo import _generate
+
+    seen: list[dict] = []
+
+    class Answer504(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            body = b'{"error": "deadline of 90 s passed"}'
+            self.send_response(504)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Answer504)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        with pytest.raises(UserError, match=r"answered 504 .*deadline of 90 s passed"):
+            _generate(url, 0, "a red circle", {"decoder_steps": 25, "upsampler_steps": 10})
+    finally:
+        server.shutdown()
+    assert seen[0]["decoder_steps"] == 25 and seen[0]["upsampler_steps"] == 10
