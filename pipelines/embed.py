@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pipelines import sources, table
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_units
 from pipelines.embedder import Embedder
+from pipelines.lease import DEFAULT_TTL_S, Lease
 from unclip import fs
 from unclip.clip_identity import ClipIdentity, looks_like_checkpoint, read_identity
 from unclip.errors import UserError
@@ -98,6 +99,8 @@ class EmbedOptions:
     # (measured: 4.9 CPU ms/row at 64, 4.1 at 256, 4.0 at 1024 rows) but delay the start
     rows_per_read: int = 256
     max_pixels: int = DEFAULT_MAX_PIXELS  # refuse larger images before decoding
+    lease_ttl_s: float = DEFAULT_TTL_S  # a killed run's lease is taken over after this
+    lease_wait_s: float = 0.0  # wait this long for another run's lease (0 = exit at once)
     env: tuple[tuple[str, str], ...] = ()  # environment variables for the Ray tasks/actors
     progress: bool = True
     stats: bool = False  # print Ray Data's per-operator stats at the end (benchmarks)
@@ -125,6 +128,10 @@ class EmbedOptions:
             raise UserError(
                 f"--max-error-fraction must be between 0 and 1, got {self.max_error_fraction}"
             )
+        if self.lease_ttl_s <= 0:
+            raise UserError(f"--lease-ttl must be > 0 seconds, got {self.lease_ttl_s}")
+        if self.lease_wait_s < 0:
+            raise UserError(f"--lease-wait must be >= 0 seconds, got {self.lease_wait_s}")
         if self.input.rstrip("/") == self.output.rstrip("/"):
             raise UserError("--output must differ from --input")
 
@@ -181,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
         rows_per_read=args.rows_per_read,
         image_size=args.image_size,
         max_error_fraction=args.max_error_fraction,
+        lease_ttl_s=args.lease_ttl,
+        lease_wait_s=args.lease_wait,
     )
     opts.check()
     import ray
@@ -207,12 +216,37 @@ def run_embed(opts: EmbedOptions, log: Callable[[str], None] | None = None) -> E
     t0 = time.perf_counter()
     identity, with_meta = _clip_identity(opts)  # refuses a wrong CLIP before any work
     table.check_writable(opts.output)
+    lease = Lease(opts.output, opts.lease_ttl_s)
+    lease.acquire(opts.lease_wait_s)  # LeaseHeld: one line naming the holder
+    try:
+        lease.start_heartbeat()
+        if lease.took_over is not None:
+            say(
+                f"embed: took over the expired lease of {lease.took_over.owner} "
+                f"(run {lease.took_over.run[:12]}) on {opts.output}"
+            )
+        return _run_leased(opts, lease, identity, with_meta, t0, say)
+    finally:
+        lease.release()
+
+
+def _run_leased(
+    opts: EmbedOptions,
+    lease: Lease,
+    identity: ClipIdentity,
+    with_meta: bool,
+    t0: float,
+    say: Callable[[str], None],
+) -> EmbedSummary:
+    """The run itself, under the table's lease (so no other run writes the table)."""
     index = _index_input(opts)
     entries, duplicates = sources.dedup(index.entries)
     done = table.committed_ids(opts.output)
     new = table.not_in([e.id for e in entries], done)
     todo = [e for e, n in zip(entries, new, strict=True) if n]
     known = frozenset(table.known_problems(opts.output))
+    # temp files of a run that died: no other run can be writing (we hold the lease, which
+    # was free or expired), so they are nobody's
     table.remove_stale_temp(opts.output)
     table.remove_stale_temp(errors_uri(opts.output))
 
@@ -226,6 +260,7 @@ def run_embed(opts: EmbedOptions, log: Callable[[str], None] | None = None) -> E
     found = index_new + [p for p in duplicates if is_new(p)]
     if found:
         rows = [tuple(p) for p in found]
+        lease.check()
         table.write_part(table.problems_table(rows), errors_uri(opts.output), map(repr, rows))
     say(
         f"embed: {len(entries)} input rows ({index.kind}); {len(entries) - len(todo)} already "
@@ -233,7 +268,8 @@ def run_embed(opts: EmbedOptions, log: Callable[[str], None] | None = None) -> E
     )
     progress = _Progress(len(todo), t0, say if opts.progress else None)
     if todo:
-        for part in _execute(opts, identity, with_meta, todo, known, say):
+        for part in _execute(opts, identity, with_meta, todo, known, lease.run, say):
+            lease.check()
             progress.add(part)
     c = progress.counts
     elapsed = time.perf_counter() - t0
@@ -415,6 +451,7 @@ def _execute(
     with_meta: bool,
     todo: list[sources.Entry],
     known: frozenset[tuple[str, str, str]],
+    lease_run: str,
     say: Callable[[str], None],
 ) -> Iterator[dict[str, int]]:
     """The Ray Data pipeline; yields the counts of each committed part as it lands."""
@@ -474,6 +511,7 @@ def _execute(
                 with_source_meta=with_meta,
             ),
             "known": known,
+            "lease_run": lease_run,
         },
         num_cpus=0,  # light; must not wait for a CPU behind the decode tasks
         **env,
