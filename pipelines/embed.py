@@ -239,7 +239,7 @@ def _run_leased(
     say: Callable[[str], None],
 ) -> EmbedSummary:
     """The run itself, under the table's lease (so no other run writes the table)."""
-    index = _index_input(opts)
+    index = _index_input(opts, say)
     entries, duplicates = sources.dedup(index.entries)
     done = table.committed_ids(opts.output)
     new = table.not_in([e.id for e in entries], done)
@@ -257,6 +257,7 @@ def _run_leased(
     index_new = [p for p in index.problems if is_new(p)]
     index_failed = [p for p in index_new if p.stage != "download"]
     not_downloaded = len(index_new) - len(index_failed)
+    index_known = [p for p in index.problems if not is_new(p)]
     found = index_new + [p for p in duplicates if is_new(p)]
     if found:
         rows = [tuple(p) for p in found]
@@ -278,8 +279,8 @@ def _run_leased(
         input_rows=len(entries),
         embedded=c["rows"],
         skipped=len(entries) - len(todo),
-        failed=c["failed"] + len(index_failed),
-        failed_known=c["failed_known"] + len(index.problems) - len(index_new),
+        failed=c["failed"] + index.rows(index_failed),
+        failed_known=c["failed_known"] + index.rows(index_known),
         duplicates=len(duplicates),
         truncated=c["warnings"],
         not_downloaded=not_downloaded,
@@ -384,7 +385,7 @@ def _clip_identity(opts: EmbedOptions) -> tuple[ClipIdentity, bool]:
     return same, info.has_source_meta
 
 
-def _index_input(opts: EmbedOptions) -> sources.InputIndex:
+def _index_input(opts: EmbedOptions, say: Callable[[str], None]) -> sources.InputIndex:
     try:
         kind, files = sources.detect(opts.input)
     except sources.InputError as e:
@@ -393,21 +394,35 @@ def _index_input(opts: EmbedOptions) -> sources.InputIndex:
         return sources.index_folder(opts.input, files)
     import ray
 
-    remote = ray.remote(_index_shard).options(num_cpus=0.5, **_runtime_env(opts))
-    results = ray.get([remote.remote(kind, f) for f in files])
-    entries = [e for es, _ in results for e in es]
-    problems = [p for _, ps in results for p in ps]
-    return sources.InputIndex(kind, tuple(files), entries, problems)
+    remote = ray.remote(sources.index_shard_safe).options(num_cpus=0.5, **_runtime_env(opts))
+    shards = ray.get([remote.remote(kind, f) for f in files])
+    return _merge_shards(kind, files, shards, say)
 
 
-def _index_shard(
-    kind: sources.InputKind, uri: str
-) -> tuple[list[sources.Entry], list[sources.Problem]]:
-    try:
-        return sources.index_shard(kind, uri)
-    except Exception as e:  # noqa: BLE001 - a whole unreadable shard is recorded, not fatal
-        msg = f"cannot read shard: {type(e).__name__}: {e}"
-        return [], [sources.Problem(sources.hash_id(uri), uri, "read", msg)]
+def _merge_shards(
+    kind: sources.InputKind,
+    files: list[str],
+    shards: list[sources.ShardIndex],
+    say: Callable[[str], None],
+) -> sources.InputIndex:
+    """One index of the shards. A shard that broke counts for as many rows as it holds
+    where that is known, else for the mean row count of the shards read whole (so that
+    ``--max-error-fraction`` weighs a lost shard by rows, not as one)."""
+    whole = [len(s.entries) + len(s.problems) for s in shards if s.lost_rows == 0]
+    estimate = max(1, round(sum(whole) / len(whole))) if whole else 1
+    rows_of: dict[tuple[str, str, str], int] = {}
+    for uri, s in zip(files, shards, strict=True):
+        if s.lost_rows:
+            p = s.problems[-1]
+            n = s.lost_rows if s.lost_rows > 0 else estimate
+            rows_of[(p.id, p.stage, p.error)] = n
+            how = "its footer" if s.lost_rows > 0 else "estimated from the shards read whole"
+            say(
+                f"embed: shard {uri} cannot be read ({p.error}); counted as {n} failed rows ({how})"
+            )
+    entries = [e for s in shards for e in s.entries]
+    problems = [p for s in shards for p in s.problems]
+    return sources.InputIndex(kind, tuple(files), entries, problems, rows_of)
 
 
 def _runtime_env(opts: EmbedOptions) -> dict:
