@@ -9,8 +9,10 @@ reads are in ``pipelines.sources``):
     tasks    commit each part atomically: errors table first, then the rows (table.commit_batch)
 
 Because a part is committed whole or not at all and the next run skips committed ids, a
-run killed at any point and started again ends with every input row exactly once (one run
-at a time per output table).
+run killed at any point and started again ends with every input row exactly once. One run
+at a time per output table: a run holds the table's lease (``pipelines.lease``) from before
+it reads the committed ids to its end; a second run exits with one line (or waits,
+``--lease-wait``); a killed run's lease is taken over after ``--lease-ttl``.
 
 The errors table ``<output>_errors`` (id, source, stage, error) is a log of distinct
 problems:
@@ -19,8 +21,10 @@ problems:
   ``status`` and ``error_message``); these rows never reached this ETL, so they are
   counted apart ("not downloaded") and not against ``--max-error-fraction``;
 - stage ``read`` (unreadable file or shard, caption without image, duplicate id: the first
-  row in input order is kept), ``decode`` (zero bytes, not an image, truncated, over
-  ``max_pixels`` by its header), ``caption`` (missing, empty, not UTF-8);
+  row in input order is kept), ``decode`` (zero bytes, not an image, a format outside the
+  allowlist, truncated, over ``max_pixels`` by its header, any unexpected decoder error),
+  ``caption`` (missing, empty, not UTF-8); an unreadable shard counts by rows
+  (``sources.index_shard_safe``, ``_merge_shards``);
 - a caption longer than the CLIP context is embedded truncated (as CLIP tokenizers do)
   and logged with stage ``caption`` and an error starting with ``warning:``; the summary
   counts it under "truncated".
