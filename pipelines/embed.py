@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pipelines import sources, table
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_units
 from pipelines.embedder import Embedder
-from pipelines.lease import DEFAULT_TTL_S, Lease
+from pipelines.lease import DEFAULT_TTL_S, Lease, LeaseHeld, read_lease
 from unclip import fs
 from unclip.clip_identity import ClipIdentity, looks_like_checkpoint, read_identity
 from unclip.errors import UserError
@@ -196,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
         lease_wait_s=args.lease_wait,
     )
     opts.check()
+    _refuse_if_leased(opts)  # before starting Ray: a scheduled run that overlaps ends at once
     import ray
 
     if not ray.is_initialized():
@@ -209,6 +210,19 @@ def run(args: argparse.Namespace) -> int:
         raise
     print(summary.line())
     return 0
+
+
+def _refuse_if_leased(opts: EmbedOptions) -> None:
+    """Raise LeaseHeld if another run holds an unexpired lease on the output and we would
+    not wait (``run_embed`` takes the lease itself; this only answers sooner)."""
+    if opts.lease_wait_s > 0:
+        return
+    output = _absolute(opts).output
+    if not fs.is_remote(output) and not os.path.isdir(output):
+        return
+    held = read_lease(output)
+    if held is not None and not held.expired():
+        raise LeaseHeld(output, held)
 
 
 # ---------------------------------------------------------------------------- job

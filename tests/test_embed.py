@@ -459,6 +459,51 @@ def test_sigkill_half_way_then_rerun_gives_every_row_exactly_once(tmp_path) -> N
 
 
 @pytest.mark.slow
+def test_two_cli_runs_on_one_table_never_double_rows(tmp_path) -> None:
+    """A scheduled run and a manual one with other batching (the issue's case: before the
+    lease both embedded everything, 2x the rows)."""
+    save_tiny_clip(str(tmp_path / "clip"))
+    ids = set(write_good_folder(str(tmp_path / "in"), 1500, size=24))
+    out = tmp_path / "out"
+    base = unclip_cmd(
+        "--input", str(tmp_path / "in"), "--output", str(out), "--clip", str(tmp_path / "clip")
+    )
+    first = subprocess.Popen(
+        [*base, "--batch-size", "16"],
+        env=cli_env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / LEASE_NAME).exists() and first.poll() is None:
+            assert time.monotonic() < deadline, "the first run never took the lease"
+            time.sleep(0.05)
+        second = subprocess.run(
+            [*base, "--rows-per-read", "200", "--batch-size", "50"],
+            capture_output=True,
+            text=True,
+            env=cli_env(),
+            timeout=600,
+        )
+        first_alive = first.poll() is None
+        stdout, stderr = first.communicate(timeout=900)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 0, stderr
+    assert first_alive, "the first run ended before the second started: nothing was tested"
+    assert second.returncode == 1 and "Traceback" not in second.stderr
+    line = second.stderr.strip()
+    assert len(line.splitlines()) == 1 and "another `unclip embed` run holds the lease" in line
+    assert f"embedded {len(ids)} rows" in stdout
+    assert set(read_rows(str(out))) == ids  # raises on any duplicate id
+    assert not (out / LEASE_NAME).exists()
+
+
+@pytest.mark.slow
 def test_an_open_clip_model_name_works(tmp_path, ray_session) -> None:
     write_good_folder(str(tmp_path / "in"), 2)
     with pytest.warns(UserWarning, match="randomly initialised"):
