@@ -243,7 +243,11 @@ def run_embed(opts: EmbedOptions, log: Callable[[str], None] | None = None) -> E
                 f"embed: took over the expired lease of {lease.took_over.owner} "
                 f"(run {lease.took_over.run[:12]}) on {opts.output}"
             )
-        return _run_leased(opts, lease, identity, with_meta, t0, say)
+        try:
+            return _run_leased(opts, lease, identity, with_meta, t0, say)
+        except Exception:
+            lease.check_held()  # a commit task refused (the lease was taken over): one line
+            raise
     finally:
         lease.release()
 

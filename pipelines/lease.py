@@ -379,6 +379,15 @@ class Lease:
         if self.lost is not None:
             raise self.lost
 
+    def check_held(self) -> None:
+        """Ask the storage now: raise LeaseLost if another run holds the lease."""
+        self.check()
+        try:
+            check_holder(self.table, self.run)
+        except LeaseLost as e:
+            self.lost = e
+            raise
+
     @contextlib.contextmanager
     def held(self, wait_s: float = 0.0) -> Iterator[Lease]:
         self.acquire(wait_s)

@@ -147,3 +147,13 @@ def test_a_damaged_lease_counts_from_its_modification_time(tmp_path) -> None:
     lease.acquire()
     assert lease.took_over is not None and lease.took_over.owner == "unknown"
     lease.release()
+
+
+def test_check_held_asks_the_storage(tmp_path) -> None:
+    table = str(tmp_path / "table")
+    dead = expired_lease(table)
+    dead.check_held()  # expired but nobody else took it: still ours
+    Lease(table, ttl_s=600).acquire()
+    with pytest.raises(LeaseLost, match="no longer holds the lease"):
+        dead.check_held()
+    assert dead.lost is not None
