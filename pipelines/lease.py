@@ -48,6 +48,7 @@ LEASE_NAME = "_lease.json"
 LOCK_NAME = "_lease.lock"  # local disk only: guards the compare-and-swap
 DEFAULT_TTL_S = 180.0
 HEARTBEATS_PER_TTL = 6
+WAIT_POLL_S = 1.0  # a waiting run looks again this often (one small GET on S3)
 
 
 @dataclass(frozen=True)
@@ -321,7 +322,12 @@ class Lease:
             sleep(
                 max(
                     0.05,
-                    min(5.0, self.ttl_s / HEARTBEATS_PER_TTL, wait_s - waited, until_expiry + 0.05),
+                    min(
+                        WAIT_POLL_S,
+                        self.ttl_s / HEARTBEATS_PER_TTL,
+                        wait_s - waited,
+                        until_expiry + 0.05,
+                    ),
                 )
             )
 
