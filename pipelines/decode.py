@@ -3,12 +3,17 @@
 Every function here either returns a usable value or raises :class:`RowError` with the ETL
 stage (``decode`` / ``caption``) and a one-line reason that goes into the errors table.
 
-Images: the header is checked before any pixel is decoded (zero bytes, not an image,
-too many pixels), then the image is fully loaded (a truncated file fails here), its EXIF
+Images: only the formats of ``ACCEPTED_FORMATS`` are parsed at all (Pillow's other
+plugins, e.g. EPS through Ghostscript, never see the bytes); the header is checked before
+any pixel is decoded (zero bytes, not an image, a format not accepted, too many pixels), then the image is fully loaded (a truncated file fails here), its EXIF
 orientation applied, and it is brought to 8-bit RGB: alpha (RGBA, LA, transparent palette)
 is composited on white, 16-bit greyscale is scaled (not clipped) to 8 bits, CMYK and
 greyscale are converted. Each output image is a centre square crop resized with an
 antialiasing filter.
+
+One row never fails a job: any other exception while reading or decoding a row (a Pillow
+plugin bug, a storage error) becomes that row's error, and a unit whose read fails as a
+whole records each of its rows (``decode_unit``).
 """
 
 from __future__ import annotations
@@ -22,11 +27,36 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipelines.sources import Problem, RawRow, read_unit
+from pipelines.sources import Problem, RawRow, read_unit, unit_entries
 from unclip.images import square, to_rgb
 
 # Pillow's own limit (about 89 MP): above it Pillow warns, above twice it refuses.
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+# The image formats the ETL decodes (Pillow format names); anything else is a decode error.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+ACCEPTED_NAMES = "JPEG, PNG, WebP, GIF, BMP, TIFF"
+# Signatures of common formats outside the list, only to name them in the error.
+OTHER_FORMATS = (
+    (0, b"8BPS", "PSD"),
+    (0, b"%PDF", "PDF"),
+    (0, b"%!PS", "PostScript/EPS"),
+    (0, b"\xc5\xd0\xd3\xc6", "EPS"),
+    (0, b"\x00\x00\x01\x00", "ICO"),
+    (0, b"icns", "ICNS"),
+    (0, b"DDS ", "DDS"),
+    (0, b"qoif", "QOI"),
+    (0, b"gimp xcf", "XCF"),
+    (0, b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (4, b"jP  ", "JPEG 2000"),
+    (0, b"\xff\x0a", "JPEG XL"),
+    (4, b"JXL ", "JPEG XL"),
+    (4, b"ftypheic", "HEIC"),
+    (4, b"ftypheix", "HEIC"),
+    (4, b"ftypmif1", "HEIF"),
+    (4, b"ftypavif", "AVIF"),
+    (0, b"<svg", "SVG"),
+    (0, b"<?xml", "XML/SVG"),
+)
 PNG_COMPRESS_LEVEL = 3  # fast and still ~as small as the default 6 on small images
 
 # Between the decode tasks and the embedding actors (one row per input row).
@@ -91,6 +121,14 @@ def read_caption(data: bytes | str | None, where: str = "") -> str:
     return text
 
 
+def other_format(data: bytes) -> str | None:
+    """The name of a known image format outside ``ACCEPTED_FORMATS`` (by signature)."""
+    for offset, magic, name in OTHER_FORMATS:
+        if data[offset : offset + len(magic)] == magic:
+            return name
+    return None
+
+
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Parse the header only and check it; raise RowError(stage="decode") if unusable."""
     if not data:
@@ -98,11 +136,22 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError as e:
         raise RowError("decode", f"refused before decoding: {e}") from None
     except UnidentifiedImageError:
-        raise RowError("decode", f"not an image (unrecognised format, {len(data)} bytes)") from None
+        name = other_format(data[:256].lstrip())
+        if name:
+            raise RowError(
+                "decode",
+                f"image format {name} is not accepted (accepted: {ACCEPTED_NAMES}); "
+                "convert the image to one of them",
+            ) from None
+        raise RowError(
+            "decode",
+            f"not an image in an accepted format ({ACCEPTED_NAMES}): unrecognised data, "
+            f"{len(data)} bytes",
+        ) from None
     except (OSError, ValueError, SyntaxError) as e:
         raise RowError("decode", f"unreadable image header: {e}") from None
     w, h = img.size
@@ -151,14 +200,19 @@ def decode_rows(
         caption = png = pixels = width = height = None
         problem = r.problem
         if problem is None:
+            stage = "caption"
             try:
                 caption = read_caption(r.caption)
+                stage = "decode"
                 img = decode_image(r.image or b"", clip_size, out_size, max_pixels)
                 png, pixels = img.png, img.pixels.tobytes()
                 width, height = img.width, img.height
             except RowError as e:
                 problem = Problem(r.id, r.source, e.stage, e.message)
-                caption = None
+            except Exception as e:  # noqa: BLE001 - one row never fails the job
+                problem = Problem(r.id, r.source, stage, f"unexpected {type(e).__name__}: {e}")
+            if problem is not None:
+                caption = png = pixels = width = height = None
         cols["id"].append(r.id)
         cols["source"].append(r.source)
         cols["caption"].append(caption)
@@ -175,8 +229,18 @@ def decode_rows(
 def decode_unit(
     unit: str, clip_size: int, out_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> pa.Table:
-    """One unit of ``pipelines.sources.make_units``: read, then decode each row."""
-    return decode_rows(read_unit(unit), clip_size, out_size, max_pixels)
+    """One unit of ``pipelines.sources.make_units``: read, then decode each row. If the
+    unit cannot be read at all (a shard or row group gone bad), each of its rows is
+    recorded with stage ``read`` and the reason."""
+    try:
+        rows = read_unit(unit)
+    except Exception as e:  # noqa: BLE001 - recorded per row, the job goes on
+        msg = f"cannot read the rows' shard: {type(e).__name__}: {e}"
+        rows = [
+            RawRow(u.id, u.source, None, None, Problem(u.id, u.source, "read", msg))
+            for u in unit_entries(unit)
+        ]
+    return decode_rows(rows, clip_size, out_size, max_pixels)
 
 
 def decode_units(

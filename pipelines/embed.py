@@ -9,8 +9,10 @@ reads are in ``pipelines.sources``):
     tasks    commit each part atomically: errors table first, then the rows (table.commit_batch)
 
 Because a part is committed whole or not at all and the next run skips committed ids, a
-run killed at any point and started again ends with every input row exactly once (one run
-at a time per output table).
+run killed at any point and started again ends with every input row exactly once. One run
+at a time per output table: a run holds the table's lease (``pipelines.lease``) from before
+it reads the committed ids to its end; a second run exits with one line (or waits,
+``--lease-wait``); a killed run's lease is taken over after ``--lease-ttl``.
 
 The errors table ``<output>_errors`` (id, source, stage, error) is a log of distinct
 problems:
@@ -19,8 +21,10 @@ problems:
   ``status`` and ``error_message``); these rows never reached this ETL, so they are
   counted apart ("not downloaded") and not against ``--max-error-fraction``;
 - stage ``read`` (unreadable file or shard, caption without image, duplicate id: the first
-  row in input order is kept), ``decode`` (zero bytes, not an image, truncated, over
-  ``max_pixels`` by its header), ``caption`` (missing, empty, not UTF-8);
+  row in input order is kept), ``decode`` (zero bytes, not an image, a format outside the
+  allowlist, truncated, over ``max_pixels`` by its header, any unexpected decoder error),
+  ``caption`` (missing, empty, not UTF-8); an unreadable shard counts by rows
+  (``sources.index_shard_safe``, ``_merge_shards``);
 - a caption longer than the CLIP context is embedded truncated (as CLIP tokenizers do)
   and logged with stage ``caption`` and an error starting with ``warning:``; the summary
   counts it under "truncated".
@@ -47,6 +51,7 @@ from dataclasses import dataclass
 from pipelines import sources, table
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_units
 from pipelines.embedder import Embedder
+from pipelines.lease import DEFAULT_TTL_S, Lease, LeaseHeld, read_lease
 from unclip import fs
 from unclip.clip_identity import ClipIdentity, looks_like_checkpoint, read_identity
 from unclip.errors import UserError
@@ -98,6 +103,8 @@ class EmbedOptions:
     # (measured: 4.9 CPU ms/row at 64, 4.1 at 256, 4.0 at 1024 rows) but delay the start
     rows_per_read: int = 256
     max_pixels: int = DEFAULT_MAX_PIXELS  # refuse larger images before decoding
+    lease_ttl_s: float = DEFAULT_TTL_S  # a killed run's lease is taken over after this
+    lease_wait_s: float = 0.0  # wait this long for another run's lease (0 = exit at once)
     env: tuple[tuple[str, str], ...] = ()  # environment variables for the Ray tasks/actors
     progress: bool = True
     stats: bool = False  # print Ray Data's per-operator stats at the end (benchmarks)
@@ -125,6 +132,10 @@ class EmbedOptions:
             raise UserError(
                 f"--max-error-fraction must be between 0 and 1, got {self.max_error_fraction}"
             )
+        if self.lease_ttl_s <= 0:
+            raise UserError(f"--lease-ttl must be > 0 seconds, got {self.lease_ttl_s}")
+        if self.lease_wait_s < 0:
+            raise UserError(f"--lease-wait must be >= 0 seconds, got {self.lease_wait_s}")
         if self.input.rstrip("/") == self.output.rstrip("/"):
             raise UserError("--output must differ from --input")
 
@@ -181,8 +192,11 @@ def run(args: argparse.Namespace) -> int:
         rows_per_read=args.rows_per_read,
         image_size=args.image_size,
         max_error_fraction=args.max_error_fraction,
+        lease_ttl_s=args.lease_ttl,
+        lease_wait_s=args.lease_wait,
     )
     opts.check()
+    _refuse_if_leased(opts)  # before starting Ray: a scheduled run that overlaps ends at once
     import ray
 
     if not ray.is_initialized():
@@ -198,6 +212,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_if_leased(opts: EmbedOptions) -> None:
+    """Raise LeaseHeld if another run holds an unexpired lease on the output and we would
+    not wait (``run_embed`` takes the lease itself; this only answers sooner)."""
+    if opts.lease_wait_s > 0:
+        return
+    output = _absolute(opts).output
+    if not fs.is_remote(output) and not os.path.isdir(output):
+        return
+    held = read_lease(output)
+    if held is not None and not held.expired():
+        raise LeaseHeld(output, held)
+
+
 # ---------------------------------------------------------------------------- job
 def run_embed(opts: EmbedOptions, log: Callable[[str], None] | None = None) -> EmbedSummary:
     """Embed every input row not yet in ``opts.output``; see the module docstring."""
@@ -207,12 +234,41 @@ def run_embed(opts: EmbedOptions, log: Callable[[str], None] | None = None) -> E
     t0 = time.perf_counter()
     identity, with_meta = _clip_identity(opts)  # refuses a wrong CLIP before any work
     table.check_writable(opts.output)
-    index = _index_input(opts)
+    lease = Lease(opts.output, opts.lease_ttl_s)
+    lease.acquire(opts.lease_wait_s)  # LeaseHeld: one line naming the holder
+    try:
+        lease.start_heartbeat()
+        if lease.took_over is not None:
+            say(
+                f"embed: took over the expired lease of {lease.took_over.owner} "
+                f"(run {lease.took_over.run[:12]}) on {opts.output}"
+            )
+        try:
+            return _run_leased(opts, lease, identity, with_meta, t0, say)
+        except Exception:
+            lease.check_held()  # a commit task refused (the lease was taken over): one line
+            raise
+    finally:
+        lease.release()
+
+
+def _run_leased(
+    opts: EmbedOptions,
+    lease: Lease,
+    identity: ClipIdentity,
+    with_meta: bool,
+    t0: float,
+    say: Callable[[str], None],
+) -> EmbedSummary:
+    """The run itself, under the table's lease (so no other run writes the table)."""
+    index = _index_input(opts, say)
     entries, duplicates = sources.dedup(index.entries)
     done = table.committed_ids(opts.output)
     new = table.not_in([e.id for e in entries], done)
     todo = [e for e, n in zip(entries, new, strict=True) if n]
     known = frozenset(table.known_problems(opts.output))
+    # temp files of a run that died: no other run can be writing (we hold the lease, which
+    # was free or expired), so they are nobody's
     table.remove_stale_temp(opts.output)
     table.remove_stale_temp(errors_uri(opts.output))
 
@@ -223,9 +279,11 @@ def run_embed(opts: EmbedOptions, log: Callable[[str], None] | None = None) -> E
     index_new = [p for p in index.problems if is_new(p)]
     index_failed = [p for p in index_new if p.stage != "download"]
     not_downloaded = len(index_new) - len(index_failed)
+    index_known = [p for p in index.problems if not is_new(p)]
     found = index_new + [p for p in duplicates if is_new(p)]
     if found:
         rows = [tuple(p) for p in found]
+        lease.check()
         table.write_part(table.problems_table(rows), errors_uri(opts.output), map(repr, rows))
     say(
         f"embed: {len(entries)} input rows ({index.kind}); {len(entries) - len(todo)} already "
@@ -233,7 +291,8 @@ def run_embed(opts: EmbedOptions, log: Callable[[str], None] | None = None) -> E
     )
     progress = _Progress(len(todo), t0, say if opts.progress else None)
     if todo:
-        for part in _execute(opts, identity, with_meta, todo, known, say):
+        for part in _execute(opts, identity, with_meta, todo, known, lease.run, say):
+            lease.check()
             progress.add(part)
     c = progress.counts
     elapsed = time.perf_counter() - t0
@@ -242,8 +301,8 @@ def run_embed(opts: EmbedOptions, log: Callable[[str], None] | None = None) -> E
         input_rows=len(entries),
         embedded=c["rows"],
         skipped=len(entries) - len(todo),
-        failed=c["failed"] + len(index_failed),
-        failed_known=c["failed_known"] + len(index.problems) - len(index_new),
+        failed=c["failed"] + index.rows(index_failed),
+        failed_known=c["failed_known"] + index.rows(index_known),
         duplicates=len(duplicates),
         truncated=c["warnings"],
         not_downloaded=not_downloaded,
@@ -348,7 +407,7 @@ def _clip_identity(opts: EmbedOptions) -> tuple[ClipIdentity, bool]:
     return same, info.has_source_meta
 
 
-def _index_input(opts: EmbedOptions) -> sources.InputIndex:
+def _index_input(opts: EmbedOptions, say: Callable[[str], None]) -> sources.InputIndex:
     try:
         kind, files = sources.detect(opts.input)
     except sources.InputError as e:
@@ -357,21 +416,35 @@ def _index_input(opts: EmbedOptions) -> sources.InputIndex:
         return sources.index_folder(opts.input, files)
     import ray
 
-    remote = ray.remote(_index_shard).options(num_cpus=0.5, **_runtime_env(opts))
-    results = ray.get([remote.remote(kind, f) for f in files])
-    entries = [e for es, _ in results for e in es]
-    problems = [p for _, ps in results for p in ps]
-    return sources.InputIndex(kind, tuple(files), entries, problems)
+    remote = ray.remote(sources.index_shard_safe).options(num_cpus=0.5, **_runtime_env(opts))
+    shards = ray.get([remote.remote(kind, f) for f in files])
+    return _merge_shards(kind, files, shards, say)
 
 
-def _index_shard(
-    kind: sources.InputKind, uri: str
-) -> tuple[list[sources.Entry], list[sources.Problem]]:
-    try:
-        return sources.index_shard(kind, uri)
-    except Exception as e:  # noqa: BLE001 - a whole unreadable shard is recorded, not fatal
-        msg = f"cannot read shard: {type(e).__name__}: {e}"
-        return [], [sources.Problem(sources.hash_id(uri), uri, "read", msg)]
+def _merge_shards(
+    kind: sources.InputKind,
+    files: list[str],
+    shards: list[sources.ShardIndex],
+    say: Callable[[str], None],
+) -> sources.InputIndex:
+    """One index of the shards. A shard that broke counts for as many rows as it holds
+    where that is known, else for the mean row count of the shards read whole (so that
+    ``--max-error-fraction`` weighs a lost shard by rows, not as one)."""
+    whole = [len(s.entries) + len(s.problems) for s in shards if s.lost_rows == 0]
+    estimate = max(1, round(sum(whole) / len(whole))) if whole else 1
+    rows_of: dict[tuple[str, str, str], int] = {}
+    for uri, s in zip(files, shards, strict=True):
+        if s.lost_rows:
+            p = s.problems[-1]
+            n = s.lost_rows if s.lost_rows > 0 else estimate
+            rows_of[(p.id, p.stage, p.error)] = n
+            how = "its footer" if s.lost_rows > 0 else "estimated from the shards read whole"
+            say(
+                f"embed: shard {uri} cannot be read ({p.error}); counted as {n} failed rows ({how})"
+            )
+    entries = [e for s in shards for e in s.entries]
+    problems = [p for s in shards for p in s.problems]
+    return sources.InputIndex(kind, tuple(files), entries, problems, rows_of)
 
 
 def _runtime_env(opts: EmbedOptions) -> dict:
@@ -415,6 +488,7 @@ def _execute(
     with_meta: bool,
     todo: list[sources.Entry],
     known: frozenset[tuple[str, str, str]],
+    lease_run: str,
     say: Callable[[str], None],
 ) -> Iterator[dict[str, int]]:
     """The Ray Data pipeline; yields the counts of each committed part as it lands."""
@@ -474,6 +548,7 @@ def _execute(
                 with_source_meta=with_meta,
             ),
             "known": known,
+            "lease_run": lease_run,
         },
         num_cpus=0,  # light; must not wait for a CPU behind the decode tasks
         **env,

@@ -35,6 +35,7 @@ from unclip.metrics import clip_score, frechet_distance, frechet_interval, retri
 from unclip.pipeline import needs_text_states
 from unclip.schema import DataError, check_clip, read_table_info
 from unclip.split import is_heldout
+from unclip.table_ids import find_duplicates, first_occurrences, warn_duplicates
 
 METHODS = ("diffusion_prior", "ar_prior", "no_prior", "ground_truth", "random")
 ORACLE_KEYS = ("colour", "shape", "size", "position", "all")
@@ -86,14 +87,19 @@ class EvalReport:
 
 # ---------------------------------------------------------------------- data
 def load_heldout(data: str, n: int, attributes: str = "") -> pa.Table:
-    """The first ``n`` held-out rows (by id order) with embeddings, joined to attributes."""
+    """The first ``n`` held-out rows (by id order) with embeddings, joined to attributes;
+    each id once (``unclip.table_ids``)."""
     info = read_table_info(data)
+    warn_duplicates(data, find_duplicates(info.files))
     cols = ["id", "caption", "source", "text_emb", "image_emb", "text_tokens"]
     parts = []
+    seen: set[str] = set()
     for f in info.files:
         pafs, path = fs.pyarrow_fs(f)
         t = pq.read_table(path, columns=cols, filesystem=pafs)
-        keep = np.array([is_heldout(i) for i in t.column("id").to_pylist()], dtype=bool)
+        ids = t.column("id").to_pylist()
+        keep = np.array([is_heldout(i) for i in ids], dtype=bool)
+        keep &= first_occurrences(ids, seen)  # copies share the id, so the split too
         parts.append(t.filter(pa.array(keep)))
     table = pa.concat_tables(parts).sort_by("id")
     if table.num_rows == 0:

@@ -35,7 +35,7 @@ import posixpath
 import tarfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import pyarrow as pa
@@ -94,6 +94,12 @@ class InputIndex:
     shards: tuple[str, ...]  # files holding rows (folder: the image files)
     entries: list[Entry]
     problems: list[Problem]  # rows found unusable while indexing (e.g. caption, no image)
+    # rows a problem stands for when not 1: an unreadable shard's, by (id, stage, error)
+    rows_of: dict[tuple[str, str, str], int] = field(default_factory=dict)
+
+    def rows(self, problems: Iterable[Problem]) -> int:
+        """How many input rows ``problems`` stand for."""
+        return sum(self.rows_of.get((p.id, p.stage, p.error), 1) for p in problems)
 
 
 def hash_id(source: str) -> str:
@@ -203,8 +209,58 @@ def index_tar(uri: str) -> tuple[list[Entry], list[Problem]]:
     groups: dict[str, dict[str, tuple[int, int, str]]] = {}
     json_keys: dict[str, str] = {}
     urls: dict[str, str] = {}
+    broken = ""
+    try:
+        end = _scan_tar(fsys, path, groups, json_keys, urls)
+        # tarfile ends a stream quietly at a cut inside a member or a header
+        size = fsys.size(path)
+        tail = size - (-(-end // 512) * 512)
+        if end > size:
+            broken = f"the file ends ({size} bytes) inside a member (to byte {end})"
+        elif 0 < tail < 1024 and fsys.cat_file(path, start=size - tail, end=size).strip(b"\0"):
+            broken = f"the file ends ({size} bytes) inside a member header"
+    except Exception as e:  # noqa: BLE001 - keep the members read before the break
+        if not groups:
+            raise
+        broken = f"{type(e).__name__}: {e}"
+    entries, problems = [], []
+    for key, members in groups.items():
+        image_ext = next((e for e in IMAGE_EXTS if e in members), None)
+        rid = json_keys.get(key, key)
+        if image_ext is None:
+            if ".txt" in members or ".json" in members:
+                name = members.get(".txt", members.get(".json"))[2]
+                what = "caption" if ".txt" in members else "metadata"
+                problems.append(
+                    Problem(rid, f"{uri}#{name}", "read", f"{what} without an image in shard")
+                )
+            continue
+        off, size, name = members[image_ext]
+        cap = members.get(".txt")
+        loc = ("tar", uri, off, size, cap[0] if cap else -1, cap[1] if cap else -1)
+        entries.append(Entry(rid, f"{uri}#{name}", loc, urls.get(key)))
+    status = _shard_status(uri)
+    if status is not None:
+        in_shard = {json_keys.get(k, k) for k in groups}
+        problems += _status_problems(uri, status, in_shard, broken)
+    elif broken:
+        raise PartialShard(entries, problems, f"shard breaks after {len(groups)} keys: {broken}")
+    return entries, problems
+
+
+def _scan_tar(
+    fsys: Any,
+    path: str,
+    groups: dict[str, dict[str, tuple[int, int, str]]],
+    json_keys: dict[str, str],
+    urls: dict[str, str],
+) -> int:
+    """Stream a shard's headers into ``groups`` (key -> ext -> (offset, size, name));
+    returns where the last member's data ends."""
+    end = 0
     with fsys.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
         for m in tf:
+            end = max(end, m.offset_data + m.size)
             if not m.isfile():
                 continue
             base = posixpath.basename(m.name)
@@ -226,32 +282,15 @@ def index_tar(uri: str) -> tuple[list[Entry], list[Problem]]:
                     json_keys[key] = meta["key"]
                 if isinstance(meta.get(URL_COLUMN), str):
                     urls[key] = meta[URL_COLUMN]
-    entries, problems = [], []
-    for key, members in groups.items():
-        image_ext = next((e for e in IMAGE_EXTS if e in members), None)
-        rid = json_keys.get(key, key)
-        if image_ext is None:
-            if ".txt" in members or ".json" in members:
-                name = members.get(".txt", members.get(".json"))[2]
-                what = "caption" if ".txt" in members else "metadata"
-                problems.append(
-                    Problem(rid, f"{uri}#{name}", "read", f"{what} without an image in shard")
-                )
-            continue
-        off, size, name = members[image_ext]
-        cap = members.get(".txt")
-        loc = ("tar", uri, off, size, cap[0] if cap else -1, cap[1] if cap else -1)
-        entries.append(Entry(rid, f"{uri}#{name}", loc, urls.get(key)))
-    status = _shard_status(uri)
-    if status is not None:
-        in_shard = {json_keys.get(k, k) for k in groups}
-        problems += _status_problems(uri, status, in_shard)
-    return entries, problems
+    return end
 
 
-def _status_problems(uri: str, status: pa.Table, in_shard: set[str]) -> list[Problem]:
+def _status_problems(
+    uri: str, status: pa.Table, in_shard: set[str], broken: str = ""
+) -> list[Problem]:
     """Rows of img2dataset's status table that are not in the shard: failed downloads
-    (stage ``download``) and successes missing from the tar (stage ``read``)."""
+    (stage ``download``) and successes missing from the tar (stage ``read``; ``broken``:
+    the shard could not be read past some point, or at all, for this reason)."""
     side = uri[: -len(".tar")] + ".parquet"
     messages = (
         status.column("error_message").to_pylist()
@@ -271,13 +310,18 @@ def _status_problems(uri: str, status: pa.Table, in_shard: set[str]) -> list[Pro
         if st != STATUS_OK:
             problems.append(_download_problem(rid, f"{side}#{i}", st, msg))
         elif rid not in in_shard:
+            why = (
+                f"cannot be read there: {broken}"
+                if broken
+                else "has no member for it (truncated or edited shard?)"
+            )
             problems.append(
                 Problem(
                     rid,
                     f"{side}#{i}",
                     "read",
                     f"img2dataset lists key {rid} as downloaded but {posixpath.basename(uri)} "
-                    "has no member for it (truncated or edited shard?)",
+                    + why,
                 )
             )
     return problems
@@ -378,6 +422,48 @@ def index_shard(kind: InputKind, uri: str) -> tuple[list[Entry], list[Problem]]:
     raise ValueError(f"no per-shard index for input kind {kind!r}")
 
 
+class PartialShard(Exception):
+    """A shard read up to a break: the rows before it, and the reason."""
+
+    def __init__(self, entries: list[Entry], problems: list[Problem], reason: str) -> None:
+        super().__init__(reason)
+        self.entries, self.problems, self.reason = entries, problems, reason
+
+
+class ShardIndex(NamedTuple):
+    """One shard's rows and problems. ``lost_rows``: how many rows the shard's own problem
+    (the last one) stands for: 0 = there is none, -1 = a shard that broke and whose row
+    count is unknown (the driver estimates it from the other shards)."""
+
+    entries: list[Entry]
+    problems: list[Problem]
+    lost_rows: int = 0
+
+
+def index_shard_safe(kind: InputKind, uri: str) -> ShardIndex:
+    """``index_shard`` that never raises: a shard that cannot be read (in part or at all)
+    is recorded by rows where it says how many it holds (img2dataset's status table, a
+    Parquet footer), else as one problem of the shard that counts for its unknown rows."""
+    try:
+        return ShardIndex(*index_shard(kind, uri))
+    except PartialShard as e:
+        what = f"cannot read the rest of the shard: {e.reason}"
+        return ShardIndex(e.entries, [*e.problems, Problem(hash_id(uri), uri, "read", what)], -1)
+    except Exception as e:  # noqa: BLE001 - a shard is recorded, never fatal
+        reason = f"{type(e).__name__}: {e}"
+    problem = Problem(hash_id(uri), uri, "read", f"cannot read shard: {reason}")
+    try:
+        if kind == "tar" and (status := _shard_status(uri)) is not None:
+            return ShardIndex([], _status_problems(uri, status, set(), reason))
+        if kind == "parquet":
+            pafs, path = fs.pyarrow_fs(uri)
+            rows = pq.read_metadata(path, filesystem=pafs).num_rows
+            return ShardIndex([], [problem], max(rows, 1))
+    except Exception:  # noqa: BLE001, S110 - no row count to be had: estimated instead
+        pass
+    return ShardIndex([], [problem], -1)
+
+
 def dedup(entries: Iterable[Entry]) -> tuple[list[Entry], list[Problem]]:
     """Keep the first row of each id (input order); record the others as problems."""
     first: dict[str, str] = {}
@@ -417,9 +503,14 @@ def make_units(entries: Sequence[Entry], rows_per_unit: int) -> list[str]:
     return units
 
 
+def unit_entries(unit: str) -> list[Entry]:
+    """The entries of one unit of ``make_units``."""
+    return [Entry(r[0], r[1], tuple(r[2]), r[3]) for r in json.loads(unit)]
+
+
 def read_unit(unit: str) -> list[RawRow]:
     """Fetch the bytes of one unit's rows; per-row read failures become problems."""
-    rows = [Entry(r[0], r[1], tuple(r[2]), r[3]) for r in json.loads(unit)]
+    rows = unit_entries(unit)
     if not rows:
         return []
     kind = rows[0].loc[0]

@@ -10,7 +10,8 @@ at any moment never leaves a file a reader would take as complete:
 A part's name is a hash of the ids (error keys) it holds, so a task that Ray retries after
 it committed rewrites the same name with the same rows instead of adding a duplicate.
 Incremental runs skip the ids already committed (``committed_ids``); one run at a time per
-output table (concurrent runs on the same output are not coordinated).
+output table, under the table's lease (``pipelines.lease``): a run checks that it still holds
+it before each commit, and removes temp files only after taking a free or expired lease.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from pipelines.lease import check_holder
 from unclip import fs
 from unclip.schema import errors_schema, errors_uri, parquet_files
 
@@ -142,12 +144,15 @@ def commit_batch(
     output: str,
     schema: pa.Schema,
     known: frozenset[tuple[str, str, str]] = frozenset(),
+    lease_run: str = "",
 ) -> dict[str, int]:
     """Commit one embedded batch: its problems to the errors table, then its good rows.
 
     ``batch`` holds the embedder's output columns (the schema-v1 columns plus ``stage``,
     ``error`` and ``warning``); ``schema`` is the table's (``unclip.schema.table_schema``
     with the CLIP metadata). Problems already recorded (``known``) are not written again.
+    With ``lease_run``, nothing is written unless that run still holds the table's lease
+    (``pipelines.lease.check_holder``; raises LeaseLost).
     Returns counts: rows, failed, failed_known, warnings, parts.
     """
     stage = batch.column("stage")
@@ -172,6 +177,8 @@ def commit_batch(
             if (i, "caption", w) not in known:
                 problems.append((i, src, "caption", w))
     parts = 0
+    if lease_run:
+        check_holder(output, lease_run)
     if problems:
         write_part(problems_table(problems), errors_uri(output), [repr(p) for p in problems])
         parts += 1

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from pipelines.embed import EmbedOptions, TooManyErrors, run_embed
+from pipelines.lease import LEASE_NAME, Lease, LeaseHeld
 from tests.test_embed_inputs import (
     LONG_CAPTION,
     colour_jpeg,
@@ -232,6 +233,56 @@ def test_webdataset_shards_and_parquet_inputs(tmp_path, ray_session) -> None:
     assert {r["source"] for r in rows.values()} >= {str(pqdir / "imgs" / "0.jpg")}
 
 
+def test_a_run_refuses_a_table_another_run_holds_and_takes_over_a_dead_runs_lease(
+    tmp_path, ray_session
+) -> None:
+    save_tiny_clip(str(tmp_path / "clip"))
+    inp, out = str(tmp_path / "in"), tmp_path / "out"
+    ids = set(write_good_folder(inp, 6))
+    out.mkdir()
+    other = Lease(str(out), ttl_s=3600)  # another run, alive (it would renew its lease)
+    other.acquire()
+    their_temp = out / "_tmp-part-0123.parquet-abcd"  # the part it is writing right now
+    their_temp.write_bytes(b"PAR1 half")
+    with pytest.raises(LeaseHeld, match=f"holds the lease on {out}: {other.owner}"):
+        run_embed(opts(inp, str(out), str(tmp_path / "clip")))
+    assert not parquet_files(str(out)) and their_temp.exists()  # nothing written or removed
+    other.release()
+
+    # a run that was killed: its lease expires (no heartbeat), the next run takes it over
+    dead = Lease(str(out), ttl_s=0.01)
+    dead.acquire()
+    time.sleep(0.05)
+    said: list[str] = []
+    s = run_embed(opts(inp, str(out), str(tmp_path / "clip")), log=said.append)
+    assert s.embedded == len(ids) and set(read_rows(str(out))) == ids
+    assert any(f"took over the expired lease of {dead.owner}" in m for m in said)
+    assert not their_temp.exists()  # the dead run's temp file is nobody's now
+    assert not (out / LEASE_NAME).exists()  # released at the end
+
+
+def test_an_unreadable_shard_counts_by_rows_against_the_error_fraction(
+    tmp_path, ray_session
+) -> None:
+    save_tiny_clip(str(tmp_path / "clip"))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for k in range(2):
+        samples = [(f"{k}{i:04d}", colour_jpeg(i), f"c{i}", None) for i in range(10)]
+        write_tar(str(shards / f"0000{k}.tar"), samples)
+    (shards / "00002.tar").write_bytes(b"\x00garbage" * 64)  # a failed upload
+    out = str(tmp_path / "out")
+    with pytest.raises(TooManyErrors, match="10 of 30 new rows failed") as e:
+        run_embed(opts(str(shards), out, str(tmp_path / "clip")))
+    assert e.value.summary.embedded == 20 and len(read_rows(out)) == 20
+    (err,) = read_errors(out)
+    assert err["source"] == str(shards / "00002.tar") and err["stage"] == "read"
+    assert err["error"].startswith("cannot read shard: ReadError")
+    # recorded once: a re-run of the unchanged input neither fails nor records it again
+    s = run_embed(opts(str(shards), out, str(tmp_path / "clip")))
+    assert (s.failed, s.failed_known, s.skipped) == (0, 10, 20)
+
+
 # ---------------------------------------------------------------------------- S3
 def test_s3_folder_in_s3_table_out_and_incremental(tmp_path, s3_bucket, ray_session) -> None:
     clip = save_tiny_clip(f"{s3_bucket}/clip")
@@ -266,6 +317,21 @@ def test_s3_webdataset_shards_read_with_ranged_gets(tmp_path, s3_bucket, ray_ses
     o = opts(f"{s3_bucket}/shards", f"{s3_bucket}/t2", f"{s3_bucket}/clip", env=aws_env())
     assert run_embed(o).embedded == 5
     assert set(read_rows(f"{s3_bucket}/t2")) == {f"{i:03d}" for i in range(5)}
+
+
+def test_s3_table_lease_refuses_a_second_run(tmp_path, s3_bucket, ray_session) -> None:
+    save_tiny_clip(f"{s3_bucket}/clip")
+    write_good_folder(str(tmp_path / "in"), 4)
+    out = f"{s3_bucket}/leased"
+    o = opts(str(tmp_path / "in"), out, f"{s3_bucket}/clip", env=aws_env())
+    other = Lease(out, ttl_s=3600)
+    other.acquire()
+    with pytest.raises(LeaseHeld, match=f"holds the lease on {out}"):
+        run_embed(o)
+    assert not parquet_files(out)
+    other.release()
+    assert run_embed(o).embedded == 4
+    assert not fs.exists(fs.join(out, LEASE_NAME))
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -350,6 +416,8 @@ def test_sigkill_half_way_then_rerun_gives_every_row_exactly_once(tmp_path) -> N
         str(tmp_path / "clip"),
         "--batch-size",
         "16",
+        "--lease-ttl",
+        "5",
     )
     before = ray_pids()
     proc = subprocess.Popen(
@@ -379,12 +447,60 @@ def test_sigkill_half_way_then_rerun_gives_every_row_exactly_once(tmp_path) -> N
     assert not ray_pids() - before, "processes of the killed run are left"
     done = read_rows(str(out))  # committed parts only, none partial, no duplicate
     assert 0 < len(done) < len(ids)
-    rerun = subprocess.run(args, capture_output=True, text=True, env=cli_env(), timeout=600)
+    # the killed run's lease is left behind: the rerun waits for it to expire, then takes it
+    rerun = subprocess.run(
+        [*args, "--lease-wait", "300"], capture_output=True, text=True, env=cli_env(), timeout=600
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert f"embedded {len(ids) - len(done)} rows, skipped {len(done)} already" in rerun.stdout
     final = read_rows(str(out))  # raises on any duplicate id
     assert set(final) == ids
     assert not [n for n in os.listdir(out) if n.startswith("_tmp-")]
+
+
+@pytest.mark.slow
+def test_two_cli_runs_on_one_table_never_double_rows(tmp_path) -> None:
+    """A scheduled run and a manual one with other batching (the issue's case: before the
+    lease both embedded everything, 2x the rows)."""
+    save_tiny_clip(str(tmp_path / "clip"))
+    ids = set(write_good_folder(str(tmp_path / "in"), 1500, size=24))
+    out = tmp_path / "out"
+    base = unclip_cmd(
+        "--input", str(tmp_path / "in"), "--output", str(out), "--clip", str(tmp_path / "clip")
+    )
+    first = subprocess.Popen(
+        [*base, "--batch-size", "16"],
+        env=cli_env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / LEASE_NAME).exists() and first.poll() is None:
+            assert time.monotonic() < deadline, "the first run never took the lease"
+            time.sleep(0.05)
+        second = subprocess.run(
+            [*base, "--rows-per-read", "200", "--batch-size", "50"],
+            capture_output=True,
+            text=True,
+            env=cli_env(),
+            timeout=600,
+        )
+        first_alive = first.poll() is None
+        stdout, stderr = first.communicate(timeout=900)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 0, stderr
+    assert first_alive, "the first run ended before the second started: nothing was tested"
+    assert second.returncode == 1 and "Traceback" not in second.stderr
+    line = second.stderr.strip()
+    assert len(line.splitlines()) == 1 and "another `unclip embed` run holds the lease" in line
+    assert f"embedded {len(ids)} rows" in stdout
+    assert set(read_rows(str(out))) == ids  # raises on any duplicate id
+    assert not (out / LEASE_NAME).exists()
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ import importlib
 import json
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from training.data import StageColumns, read_split, table_clip
@@ -51,6 +51,7 @@ from unclip.config import (
 )
 from unclip.errors import UserError
 from unclip.schema import DataError, TableInfo, check_clip, read_table_info
+from unclip.table_ids import Duplicates, find_duplicates, warn_duplicates
 
 SUMMARY = "training.json"  # beside the final checkpoint: steps done / planned, stopped early
 
@@ -68,6 +69,7 @@ class TrainJob:
     workers: int = 1  # 0 = in-process local mode (no fault tolerance, nothing persisted)
     gpu: bool = False
     resume_step: int = 0  # the checkpoint step a --resume continues from
+    duplicates: Duplicates = field(default_factory=Duplicates)  # ids the table holds more than once
 
     @property
     def run_dir(self) -> str:
@@ -134,6 +136,8 @@ def plan(
     run_dir = fs.join(storage_uri, name)
     latest = latest_checkpoint(run_dir)
     info = read_table_info(data)
+    dups = find_duplicates(info.files)
+    warn_duplicates(data, dups)
 
     if resume:
         if latest is None:
@@ -148,7 +152,7 @@ def plan(
         if cfg.stage != stage:
             raise UserError(f"the run in {run_dir} trains a {cfg.stage}, not a {stage}")
         cfg = bind_to_table(cfg, info, explicit=None)
-        return TrainJob(cfg, run_cfg, info, out, storage_uri, name, workers, gpu, step)
+        return TrainJob(cfg, run_cfg, info, out, storage_uri, name, workers, gpu, step, dups)
 
     refuse_existing_run(run_dir, out, latest)
     where = config or "config"
@@ -157,7 +161,7 @@ def plan(
     cfg, run_cfg = resolve(stage, preset_name, gpu, overrides, steps, where)
     stage_over, _ = split_overrides(stage, overrides, where)
     cfg = bind_to_table(cfg, info, explicit=explicit_keys(stage_over))
-    return TrainJob(cfg, run_cfg, info, out, storage_uri, name, workers, gpu, 0)
+    return TrainJob(cfg, run_cfg, info, out, storage_uri, name, workers, gpu, 0, dups)
 
 
 def bind_to_table(cfg: StageConfig, info: TableInfo, explicit: set[str] | None) -> StageConfig:
@@ -290,10 +294,10 @@ def execute(job: TrainJob) -> TrainOutcome:
     ray.data.DataContext.get_current().enable_progress_bars = False
     columns: StageColumns = stage.columns()
     frac = job.run.heldout_fraction
-    train = read_split(job.table, columns, "train", frac)
+    train = read_split(job.table, columns, "train", frac, job.duplicates)
     datasets = {
         "train": train,
-        "heldout": _in_file_order(read_split(job.table, columns, "heldout", frac)),
+        "heldout": _in_file_order(read_split(job.table, columns, "heldout", frac, job.duplicates)),
     }
     storage_fs, storage_path = fs.pyarrow_fs(job.storage)
     fs.makedirs(job.run_dir)

@@ -12,7 +12,7 @@ the evaluation job uses too: the same row is held out in every run, whatever the
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -25,6 +25,7 @@ from unclip import fs
 from unclip.config import ClipRef
 from unclip.schema import META_CONTEXT, META_TEXT_WIDTH, DataError, TableInfo
 from unclip.split import HELDOUT_FRACTION, heldout_score
+from unclip.table_ids import Duplicates, first_occurrences
 
 if TYPE_CHECKING:
     import ray.data
@@ -88,12 +89,15 @@ def train_embeddings(
     files: Sequence[str], max_rows: int, fraction: float = HELDOUT_FRACTION
 ) -> tuple[np.ndarray, np.ndarray]:
     """(image_emb, text_emb) of the first ``max_rows`` training rows (file order), read
-    straight from Parquet: the same rows on every worker, held-out rows excluded."""
+    straight from Parquet: the same rows on every worker, held-out rows excluded, each id
+    once (``unclip.table_ids``)."""
     images, texts, n = [], [], 0
+    seen: set[str] = set()
     for uri in files:
         pafs, path = fs.pyarrow_fs(uri)
         table = pq.read_table(path, columns=["id", "image_emb", "text_emb"], filesystem=pafs)
-        keep = ~heldout_mask(table.column("id").to_pylist(), fraction)
+        ids = table.column("id").to_pylist()
+        keep = ~heldout_mask(ids, fraction) & first_occurrences(ids, seen)
         table = table.filter(pa.array(keep))
         images.append(_embeddings(table, "image_emb"))
         texts.append(_embeddings(table, "text_emb"))
@@ -113,10 +117,27 @@ def _tokens(table: pa.Table, length: int) -> np.ndarray:
     return out
 
 
+def drop_duplicates(table: pa.Table, drop: Mapping[str, frozenset[str]]) -> pa.Table:
+    """Rows of a batch read with its file's ``path``: without the ids that ``drop`` lists
+    for that file (an earlier file has them) and without repeats inside the batch."""
+    paths, ids = table.column("path").to_pylist(), table.column("id").to_pylist()
+    seen: set[str] = set()
+    first = first_occurrences(ids, seen)
+    keep = [f and i not in drop.get(p, ()) for p, i, f in zip(paths, ids, first, strict=True)]
+    return table.filter(pa.array(keep, pa.bool_())).drop_columns(["path"])
+
+
 def prepare_batch(
-    table: pa.Table, spec: StageColumns, split: Split, fraction: float
+    table: pa.Table,
+    spec: StageColumns,
+    split: Split,
+    fraction: float,
+    drop: Mapping[str, frozenset[str]] | None = None,
 ) -> dict[str, np.ndarray] | pa.Table:
-    """One Arrow batch of the table -> the arrays of one split (see the module docstring)."""
+    """One Arrow batch of the table -> the arrays of one split (see the module docstring).
+    With ``drop`` (the batch has a ``path`` column), duplicate ids are skipped first."""
+    if drop is not None:
+        table = drop_duplicates(table, drop)
     held = heldout_mask(table.column("id").to_pylist(), fraction)
     table = table.filter(pa.array(held if split == "heldout" else ~held))
     if table.num_rows == 0:
@@ -167,9 +188,14 @@ def _empty_block(table: pa.Table, spec: StageColumns) -> pa.Table:
 
 
 def read_split(
-    info: TableInfo, spec: StageColumns, split: Split, fraction: float
+    info: TableInfo,
+    spec: StageColumns,
+    split: Split,
+    fraction: float,
+    duplicates: Duplicates | None = None,
 ) -> ray.data.Dataset:
-    """A lazy Ray Dataset of one split of the table, reading only ``spec.columns``."""
+    """A lazy Ray Dataset of one split of the table, reading only ``spec.columns``; with
+    ``duplicates`` (``unclip.table_ids.find_duplicates``), each id once."""
     import ray.data
 
     if "image" in spec.columns and not info.has_image:
@@ -180,10 +206,16 @@ def read_split(
     pafs, _ = fs.pyarrow_fs(info.files[0])
     paths = [fs.pyarrow_fs(f)[1] for f in info.files]
     # select_columns right after the read is pushed down into it: other columns are not read
-    ds = ray.data.read_parquet(paths, filesystem=pafs).select_columns(["id", *spec.columns])
+    drop = None
+    if duplicates:  # which file each row comes from, to skip the copies of earlier files
+        drop = {fs.pyarrow_fs(f)[1]: ids for f, ids in duplicates.drop.items()}
+        ds = ray.data.read_parquet(paths, filesystem=pafs, include_paths=True)
+        ds = ds.select_columns(["id", "path", *spec.columns])
+    else:
+        ds = ray.data.read_parquet(paths, filesystem=pafs).select_columns(["id", *spec.columns])
     return ds.map_batches(
         prepare_batch,
         batch_format="pyarrow",
         batch_size=256,
-        fn_kwargs={"spec": spec, "split": split, "fraction": fraction},
+        fn_kwargs={"spec": spec, "split": split, "fraction": fraction, "drop": drop},
     )

@@ -107,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.1,
         help="fail the job if more than this fraction of rows is bad",
     )
+    e.add_argument(
+        "--lease-wait",
+        type=float,
+        default=0.0,
+        help="seconds to wait while another run holds the output's lease (0 = exit at once)",
+    )
+    e.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=180.0,
+        help="seconds without a heartbeat after which a run's lease (a killed run's) expires",
+    )
 
     i = sub.add_parser(
         "import-embeddings",
