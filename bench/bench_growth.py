@@ -5,18 +5,18 @@ decoder training streaming a table larger than the Ray object store.
         [--train-rows 100000] [--skip-train]
 
 ETL: for each size, a folder of ``size`` 32 px PNGs + captions (bench_embed.make_images)
-embedded by ``run_embed`` on a fresh local Ray (2 CPUs, ``object_store_memory`` =
+embedded by ``run_embed`` on one local Ray for all runs (2 CPUs, ``object_store_memory`` =
 ``--store-mb``) with the small CLIP of bench_embed (64 px ViT, embed 128), image column
 at 32 px. Training: the largest table, read through ``unclip train``'s own path (plan,
-``fit_cache``, execute; one worker) on a fresh Ray whose object store is smaller than the
+``fit_cache``, execute; one worker) on the same Ray, whose object store is smaller than the
 table's decoded training split, so the split can only be streamed; the decoder preset's
 ``cache_data`` is switched off by ``fit_cache`` (its log line is printed) with a budget
 below the split's size.
 
 For every run it prints, per kind of process (the driver, GCS, raylet, the embedding
-actor, decode tasks, training workers, ...), the largest peak RSS (``VmHWM``) and the
-largest private RSS (``RssAnon``, sampled every 0.5 s: the part that is not the shared,
-memory-mapped object store), and the bytes Ray spilled from the object store to disk
+actor, decode tasks, training workers, ...), the largest RSS and the largest private RSS
+(``RssAnon``: the part that is not the shared, memory-mapped object store), both sampled
+every 0.5 s during that run, and the bytes Ray spilled from the object store to disk
 (``ray._private.internal_api.memory_summary``). Flat memory means: peak RSS per process
 does not grow with the rows. Check ``uptime`` first: load changes the times, not the memory.
 """
@@ -73,13 +73,22 @@ def _descendants(root: int) -> list[int]:
 
 @dataclass
 class Peak:
-    hwm_kb: int = 0  # VmHWM: the process's own peak RSS (kernel-tracked, exact)
+    rss_kb: int = 0  # largest sampled VmRSS
     anon_kb: int = 0  # largest sampled RssAnon (private memory, no shared object store)
     pids: set[int] = field(default_factory=set)
 
 
+def _kind(pid: int) -> str:
+    kind = _process_kind(pid)
+    if kind.startswith("ray::"):  # ray::_StatsActor.update_... -> ray::_StatsActor
+        kind = kind.split(".")[0]
+    return kind
+
+
 class RssMeter:
-    """Peak RSS of this process and every descendant (the local Ray it starts), by kind."""
+    """Peak RSS of this process and every descendant (the local Ray it started), by kind,
+    sampled while inside the ``with`` block (one Ray session serves several runs: the
+    peaks are those of this run's window, not of each process's lifetime)."""
 
     def __init__(self, every_s: float = 0.5) -> None:
         self.every_s, self.stop = every_s, threading.Event()
@@ -88,15 +97,15 @@ class RssMeter:
 
     def sample(self) -> None:
         for pid in _descendants(os.getpid()):
-            kb = _status_kb(pid, ("VmHWM", "RssAnon"))
+            kb = _status_kb(pid, ("VmRSS", "RssAnon"))
             if not kb:
                 continue
-            kind = _process_kind(pid)
+            kind = _kind(pid)
             if kind == "ray::IDLE" and pid in self.kind_of:
                 kind = self.kind_of[pid]  # a worker between tasks keeps what it last ran
             self.kind_of[pid] = kind
             p = self.peaks.setdefault(kind, Peak())
-            p.hwm_kb = max(p.hwm_kb, kb.get("VmHWM", 0))
+            p.rss_kb = max(p.rss_kb, kb.get("VmRSS", 0))
             p.anon_kb = max(p.anon_kb, kb.get("RssAnon", 0))
             p.pids.add(pid)
 
@@ -116,7 +125,7 @@ class RssMeter:
         self.sample()
 
 
-def spilled_mb() -> float:
+def spilled_mib() -> float:
     """MiB spilled from the object store to disk in this Ray session so far."""
     from ray._private.internal_api import memory_summary
 
@@ -144,29 +153,26 @@ def start_ray(store_mb: int) -> None:
 def report(label: str, meter: RssMeter, spill: float, extra: str) -> None:
     print(f"\n{label}: {extra}; spilled {spill:.0f} MiB", flush=True)
     print(f"  {'process kind':<34}{'procs':>6}{'peak RSS MiB':>14}{'peak anon MiB':>15}")
-    for kind, p in sorted(meter.peaks.items(), key=lambda kv: -kv[1].hwm_kb):
-        if p.hwm_kb < 20 * 1024:  # shells, tail, ... below 20 MiB
+    for kind, p in sorted(meter.peaks.items(), key=lambda kv: -kv[1].rss_kb):
+        if p.rss_kb < 20 * 1024:  # shells, tail, ... below 20 MiB
             continue
-        print(f"  {kind:<34}{len(p.pids):>6}{p.hwm_kb / 1024:>14.0f}{p.anon_kb / 1024:>15.0f}")
+        print(f"  {kind:<34}{len(p.pids):>6}{p.rss_kb / 1024:>14.0f}{p.anon_kb / 1024:>15.0f}")
 
 
-def etl(work: str, clip_uri: str, n: int, store_mb: int) -> tuple[str, dict]:
-    import ray
-
+def etl(work: str, clip_uri: str, n: int) -> tuple[str, dict]:
     from pipelines.embed import EmbedOptions, run_embed
 
     inp, out = os.path.join(work, f"in{n}"), os.path.join(work, f"table{n}")
     t0 = time.perf_counter()
     make_images(inp, n, size=32)
     made = time.perf_counter() - t0
-    start_ray(store_mb)
+    spilled_before = spilled_mib()
     opts = EmbedOptions(
         input=inp, output=out, clip=clip_uri, batch_size=128, image_size=32, progress=False
     )
     with RssMeter() as meter:
         s = run_embed(opts, log=lambda m: None)
-    spill = spilled_mb()
-    ray.shutdown()
+    spill = spilled_mib() - spilled_before
     assert s.embedded == n, s
     shutil.rmtree(inp)
     report(
@@ -175,12 +181,10 @@ def etl(work: str, clip_uri: str, n: int, store_mb: int) -> tuple[str, dict]:
         spill,
         f"{s.elapsed_s:.0f} s ({n / s.elapsed_s:.0f} rows/s; images made in {made:.0f} s)",
     )
-    return out, {k: v.hwm_kb for k, v in meter.peaks.items()}
+    return out, {k: v.rss_kb for k, v in meter.peaks.items()}
 
 
 def train(work: str, table: str, stage: str, store_mb: int, steps: int, batch: int) -> None:
-    import ray
-
     from training.cli import execute, fit_cache, plan, split_bytes
 
     over = {
@@ -201,13 +205,12 @@ def train(work: str, table: str, stage: str, store_mb: int, steps: int, batch: i
     need = split_bytes(job)
     if job.run.cache_data:  # the presets that cache: show the fallback, budget below the split
         job = fit_cache(job, budget=need // 2)
-    start_ray(store_mb)
+    spilled_before = spilled_mib()
     with RssMeter() as meter:
         t0 = time.perf_counter()
         out = execute(job)
         took = time.perf_counter() - t0
-    spill = spilled_mb()
-    ray.shutdown()
+    spill = spilled_mib() - spilled_before
     rows = out.step * batch
     report(
         f"{stage} training, streamed",
@@ -223,8 +226,7 @@ def train(work: str, table: str, stage: str, store_mb: int, steps: int, batch: i
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="1000,10000,100000")
-    p.add_argument("--store-mb", type=int, default=128, help="object_store_memory per Ray (MiB)")
-    p.add_argument("--train-store-mb", type=int, default=80)
+    p.add_argument("--store-mb", type=int, default=80, help="object_store_memory (MiB)")
     p.add_argument("--prior-steps", type=int, default=800)
     p.add_argument("--decoder-steps", type=int, default=300)
     p.add_argument("--skip-train", action="store_true")
@@ -243,17 +245,21 @@ def main() -> None:
     save_clip_checkpoint(clip_uri, open_clip.model.CLIP(**SMALL_CLIP_CFG), SMALL_CLIP_CFG)
     sizes = [int(s) for s in args.sizes.split(",")]
     peaks, table = {}, ""
+    start_ray(args.store_mb)  # one session for all runs (a restart per run is slow here)
     for n in sizes:
-        table, peaks[n] = etl(work, clip_uri, n, args.store_mb)
+        table, peaks[n] = etl(work, clip_uri, n)
     kinds = sorted({k for v in peaks.values() for k, kb in v.items() if kb > 20 * 1024})
     print(f"\nETL peak RSS (MiB) by process kind and rows (object store {args.store_mb} MiB):")
     print(f"  {'process kind':<34}" + "".join(f"{n:>10}" for n in sizes))
     for k in kinds:
         print(f"  {k:<34}" + "".join(f"{peaks[n].get(k, 0) / 1024:>10.0f}" for n in sizes))
     if not args.skip_train:
-        train(work, table, "prior", args.train_store_mb, args.prior_steps, 128)
-        train(work, table, "decoder", args.train_store_mb, args.decoder_steps, 128)
+        train(work, table, "prior", args.store_mb, args.prior_steps, 128)
+        train(work, table, "decoder", args.store_mb, args.decoder_steps, 128)
     print(f"\nload average: {os.getloadavg()}")
+    import ray
+
+    ray.shutdown()
     if not args.work:
         shutil.rmtree(work)
 
