@@ -139,14 +139,22 @@ def start_ray(store_mb: int) -> None:
 
     from infra import local_ray
 
-    local_ray.init(
-        num_cpus=2,
-        object_store_memory=store_mb * MB,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}},
-    )
+    for attempt in range(3):  # Ray waits 30 s for its raylet: a busy machine can miss that
+        try:
+            local_ray.init(
+                num_cpus=2,
+                object_store_memory=store_mb * MB,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+                runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}},
+            )
+            break
+        except Exception as e:  # noqa: BLE001 - "The current node timed out during startup"
+            print(f"ray.init failed ({e}); retrying", flush=True)
+            ray.shutdown()
+            if attempt == 2:
+                raise
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
