@@ -1,6 +1,7 @@
 """Embedding ETL throughput: the Ray Data pipeline vs a plain single-process PyTorch loop.
 
     python bench/bench_embed.py [--n 20000] [--batch-size 128] [--repeats 3] [--cpus 2] [--cold]
+    python bench/bench_embed.py --compare-workers [--n 4000]   # 1 vs 2 embedding actors
 
 Both sides do the same work on the same generated folder of 64 px PNGs + captions with
 the same CLIP (the small CLIP of docs/benchmarks.md: embed 128, ViT 128 x 3 layers, patch 8 on 64 px,
@@ -264,6 +265,41 @@ class CpuMeter:
         return used - self.own
 
 
+def compare_workers(inp: str, work: str, opts: dict, args: argparse.Namespace) -> None:
+    """Rows/s of the pipeline with 1 actor (1 CPU) and 2 actors (0.5 CPU each) on the same
+    ``--cpus``: what a second embedding worker buys on this machine (issue 15, item 6)."""
+    from pipelines.embed import EmbedOptions, run_embed
+
+    layouts = {1: {"workers": 1, "cpus_per_worker": 1.0}, 2: {"workers": 2, "cpus_per_worker": 0.5}}
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    steady: dict[int, list[float]] = {1: [], 2: []}
+    cpu: dict[int, list[float]] = {1: [], 2: []}
+    for r in range(args.repeats):
+        for n, layout in layouts.items():
+            out = os.path.join(work, f"w{n}_{r}")
+            o = {**opts, **layout, "threads_per_worker": 0}  # threads: the node's CPUs / actors
+            with CpuMeter() as meter:
+                s = run_embed(EmbedOptions(input=inp, output=out, **o), log=lambda m: None)
+            assert s.embedded == args.n, s
+            rates[n].append(s.embedded / s.elapsed_s)
+            steady[n].append(s.steady_rows_per_s)
+            cpu[n].append(meter.seconds / args.n * 1e3)
+            shutil.rmtree(out)
+            print(
+                f"repeat {r}, {n} actor(s): {rates[n][-1]:.0f} rows/s end to end, "
+                f"{steady[n][-1]:.0f} steady, {cpu[n][-1]:.2f} CPU ms/row",
+                flush=True,
+            )
+    med = statistics.median
+    e2e = med(b / a for a, b in zip(rates[1], rates[2], strict=True))
+    st = med(b / a for a, b in zip(steady[1], steady[2], strict=True))
+    print(
+        f"2 vs 1 embedding actors (same {args.cpus} CPUs): throughput ratio {e2e:.2f} end to "
+        f"end, {st:.2f} steady (medians of per-repeat ratios); CPU ms/row "
+        f"{med(cpu[1]):.2f} vs {med(cpu[2]):.2f}"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=20000, help="images (20000: the demo's table)")
@@ -276,6 +312,12 @@ def main() -> None:
     p.add_argument("--rows-per-read", type=int, default=256)
     p.add_argument("--cold", action="store_true", help="also time both sides as fresh processes")
     p.add_argument("--stats", action="store_true", help="print Ray Data's operator stats")
+    p.add_argument(
+        "--compare-workers",
+        action="store_true",
+        help="instead: the pipeline with 1 embedding actor (1 CPU) vs 2 (0.5 CPU each), "
+        "same --cpus, back to back per repeat; prints the throughput ratio",
+    )
     args = p.parse_args()
 
     import ray
@@ -308,6 +350,11 @@ def main() -> None:
     run_embed(
         EmbedOptions(input=inp, output=os.path.join(work, "warm"), **opts), log=lambda m: None
     )
+    if args.compare_workers:
+        compare_workers(inp, work, opts, args)
+        ray.shutdown()
+        shutil.rmtree(work)
+        return
     plain, e2e, steady, cpu_plain, cpu_ray, cold_plain, cold_ray = [], [], [], [], [], [], []
     for r in range(args.repeats):
         out = os.path.join(work, f"plain{r}")

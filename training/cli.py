@@ -38,6 +38,7 @@ from training.presets import (
     with_steps,
 )
 from training.runs import latest_checkpoint, refuse_existing_run, run_location
+from training.scale import check_parallel
 from training.stages import stage_for
 from unclip import fs
 from unclip.config import (
@@ -152,6 +153,7 @@ def plan(
         if cfg.stage != stage:
             raise UserError(f"the run in {run_dir} trains a {cfg.stage}, not a {stage}")
         cfg = bind_to_table(cfg, info, explicit=None)
+        check_parallel(run_cfg, torch_device(gpu))
         return TrainJob(cfg, run_cfg, info, out, storage_uri, name, workers, gpu, step, dups)
 
     refuse_existing_run(run_dir, out, latest)
@@ -161,7 +163,15 @@ def plan(
     cfg, run_cfg = resolve(stage, preset_name, gpu, overrides, steps, where)
     stage_over, _ = split_overrides(stage, overrides, where)
     cfg = bind_to_table(cfg, info, explicit=explicit_keys(stage_over))
+    check_parallel(run_cfg, torch_device(gpu))
     return TrainJob(cfg, run_cfg, info, out, storage_uri, name, workers, gpu, 0, dups)
+
+
+def torch_device(gpu: bool) -> Any:
+    """The device type the workers will train on (for checks before they start)."""
+    import torch
+
+    return torch.device("cuda" if gpu else "cpu")
 
 
 def bind_to_table(cfg: StageConfig, info: TableInfo, explicit: set[str] | None) -> StageConfig:

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 from dataclasses import dataclass, replace
 from typing import Any
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training import priority
+from training import priority, scale
 from training.presets import TrainConfig, train_config_from_dict, train_config_to_dict
 from training.runs import checkpoint_dir_name, restored_train_state
 from training.stages import Batch, Stage, stage_for
@@ -381,9 +381,11 @@ class Stepper:
         clip: Clip | None = None,
         settings: numerics.Numerics | None = None,
         check_loss: bool = True,
+        grad_accum: int = 1,
     ) -> None:
         self.stage, self.model, self.state, self.clip = stage, model, state, clip
         self.check_loss = check_loss
+        self.grad_accum = grad_accum  # micro-batches per step (TrainConfig.grad_accum)
         self.settings = settings or numerics.Numerics(threads=torch.get_num_threads())
         device_type = next(state.model.parameters()).device.type
         self.autocast = self.settings.autocast(device_type)
@@ -395,18 +397,16 @@ class Stepper:
         state, opt, scaler = self.state, self.state.optimizer, self.state.scaler
         for group in opt.param_groups:
             group["lr"] = lr
-        text = self.stage.text_cond(batch, self.clip)
-        batch = {k: self.settings.layout(v) for k, v in batch.items()}
-        with self.autocast:
-            loss = self.stage.loss(self.model, batch, text)
-        if poison:  # test hook (TrainConfig.debug_nan_at_step)
-            loss = loss * float("nan")
         opt.zero_grad(set_to_none=True)
+        parts = scale.micro_batches(batch, self.grad_accum)
+        losses = []
+        for i, part in enumerate(parts):  # gradients add up; DDP all-reduces on the last
+            defer = i < len(parts) - 1 and hasattr(self.model, "no_sync")
+            with self.model.no_sync() if defer else nullcontext():
+                losses.append(self._backward(part, len(parts), poison))
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
         if scaler is not None:  # fp16: the scaler skips inf/NaN steps and lowers its scale
-            scaler.scale(loss).backward()
             scaler.unscale_(opt)
-        else:
-            loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
         if scaler is not None:
             scaler.step(opt)  # skipped by the scaler itself if the gradients are not finite
@@ -423,6 +423,19 @@ class Stepper:
         state.ema.update(state.model)
         state.step += 1
         return StepResult(loss.detach(), grad_norm, True)
+
+    def _backward(self, batch: Batch, parts: int, poison: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch (1/``parts`` of the step's rows);
+        returns its detached share of the step's mean loss."""
+        text = self.stage.text_cond(batch, self.clip)
+        batch = {k: self.settings.layout(v) for k, v in batch.items()}
+        with self.autocast:
+            loss = self.stage.loss(self.model, batch, text) / parts
+        if poison:  # test hook (TrainConfig.debug_nan_at_step)
+            loss = loss * float("nan")
+        scaler = self.state.scaler
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        return loss.detach()
 
 
 # ---------------------------------------------------------------------- the loop
@@ -443,6 +456,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     threads = run.threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
     torch.set_num_threads(threads)
     device = ray.train.torch.get_device()
+    scale.check_parallel(run, device)
     stage = stage_for(cfg)
     _write_pid(run, rank)
 
@@ -486,7 +500,8 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         state.scaler = torch.amp.GradScaler("cuda")
         if saved is not None and "scaler" in saved:
             state.scaler.load_state_dict(saved["scaler"])
-    ddp = ray.train.torch.prepare_model(model)
+    scale.prepare(model, run)  # activation checkpointing, torch.compile (if asked)
+    ddp = scale.wrap(model, run)
 
     log = MetricsLog(job.run_dir, start) if rank == 0 else None
     heldout, eval_model, eval_clip = None, None, clip
@@ -510,7 +525,9 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     if start >= run.steps:  # nothing left to do: the latest checkpoint is the final one
         return {"step": start, **done}
 
-    stepper = Stepper(stage, ddp, state, clip, chosen, check_loss=world == 1)
+    stepper = Stepper(
+        stage, ddp, state, clip, chosen, check_loss=world == 1, grad_accum=run.grad_accum
+    )
     window = LossWindow()
     t0, last_ckpt = time.perf_counter(), start
     if log is not None:

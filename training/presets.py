@@ -49,6 +49,7 @@ from unclip.split import HELDOUT_FRACTION
 STAGES = ("prior", "ar_prior", "decoder", "upsampler")
 PRESETS = ("quick", "full")
 AmpChoice = Literal["auto", "none", "bf16", "fp16"]
+ParallelChoice = Literal["ddp", "fsdp"]
 FormatChoice = Literal["auto", "contiguous", "channels_last"]
 
 
@@ -77,6 +78,14 @@ class TrainConfig:
     # with amp or memory_format "auto", half as many if that measures faster)
     cpus_per_worker: float = 0.0  # Ray CPUs per worker; 0 = leave a CPU for Ray Data
     time_limit_minutes: float = 0.0  # stop early (with a final checkpoint); 0 = no limit
+    # large models (GPU clusters; all off by default; training/scale.py, docs/scaling.md)
+    grad_accum: int = 1  # micro-batches per optimiser step: each worker's batch_size rows
+    # run as this many forward/backward passes whose gradients add up (same update, less
+    # activation memory; batch_size must divide evenly)
+    activation_checkpointing: bool = False  # recompute UNet levels / prior blocks in backward
+    compile: bool = False  # torch.compile the stage model (slow first steps while it compiles)
+    parallel: ParallelChoice = "ddp"  # fsdp: shard weights, gradients and optimiser state
+    # across the workers (FSDP2); needs GPUs (refused on CPU) and amp none or bf16
     seed: int = 0
     debug_nan_at_step: int = 0  # test hook: make the loss NaN at this step (0 = off)
     debug_pid_dir: str = ""  # test hook: each worker writes rank<r>.pid here
@@ -85,6 +94,11 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "eval_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"train.grad_accum must be >= 1 and divide train.batch_size "
+                f"({self.batch_size}), got {self.grad_accum}"
+            )
         if self.keep_checkpoints < 1:
             raise ConfigError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if not 0.0 < self.heldout_fraction < 0.5:

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -68,7 +69,35 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-class TransformerBlock(nn.Module):
+class Checkpointable(nn.Module):
+    """A block whose activations may be recomputed in backward instead of stored
+    (activation checkpointing: memory per block ~ its inputs only, for about one more
+    forward pass of compute). Subclasses implement ``block``; ``forward`` runs it, under
+    ``torch.utils.checkpoint`` when ``checkpointing`` is on and gradients are being taken.
+    Random draws inside the block (dropout) are replayed identically in the recomputation.
+    """
+
+    checkpointing: bool = False
+
+    def block(self, *args: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, *args: Tensor | None) -> Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self.block, *args, use_reentrant=False)
+        return self.block(*args)
+
+
+def set_activation_checkpointing(model: nn.Module, on: bool = True) -> int:
+    """Turn activation checkpointing on (or off) in every ``Checkpointable`` block of
+    ``model`` (the UNet's levels, the priors' Transformer blocks); returns how many."""
+    blocks = [m for m in model.modules() if isinstance(m, Checkpointable)]
+    for m in blocks:
+        m.checkpointing = on
+    return len(blocks)
+
+
+class TransformerBlock(Checkpointable):
     """Pre-LayerNorm causal Transformer block (GPT-2 style)."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
@@ -81,7 +110,7 @@ class TransformerBlock(nn.Module):
             nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width), nn.Dropout(dropout)
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def block(self, x: Tensor) -> Tensor:  # (B, T, C) -> (B, T, C)
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 

@@ -14,7 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unclip.config import UNetConfig
-from unclip.nn.layers import TimestepMLP, prepare_text_states, replace_where, zero_module
+from unclip.nn.layers import (
+    Checkpointable,
+    TimestepMLP,
+    prepare_text_states,
+    replace_where,
+    zero_module,
+)
 
 
 class ResBlock(nn.Module):
@@ -66,14 +72,15 @@ class AttentionBlock(nn.Module):
         return x + self.proj(y).reshape(B, C, H, W)
 
 
-class Level(nn.Module):
-    """ResBlock (+ attention) applied at one resolution."""
+class Level(Checkpointable):
+    """ResBlock (+ attention) applied at one resolution (the unit of activation
+    checkpointing in the UNet)."""
 
     def __init__(self, res: ResBlock, attn: AttentionBlock | None) -> None:
         super().__init__()
         self.res, self.attn = res, attn
 
-    def forward(self, x: Tensor, emb: Tensor, ctx: Tensor | None) -> Tensor:
+    def block(self, x: Tensor, emb: Tensor, ctx: Tensor | None) -> Tensor:
         x = self.res(x, emb)
         return self.attn(x, ctx) if self.attn is not None else x
 
