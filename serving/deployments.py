@@ -24,6 +24,7 @@ import torch
 from ray import serve
 from torch import Tensor
 
+from infra.gpus import ray_device
 from serving.batching import (
     DecodeJob,
     InvertJob,
@@ -37,7 +38,6 @@ from serving.batching import (
     split_rows,
     text_rows,
 )
-from infra.gpus import ray_device
 from unclip import fs
 from unclip.checkpoint import bundle_clip_source, load_stage, load_stage_config, read_bundle_spec
 from unclip.clip import Clip

@@ -103,9 +103,7 @@ def test_rayservice_has_the_gpus_its_minimum_replicas_request() -> None:
     with open("infra/kuberay/rayservice.yaml") as f:
         doc = yaml.safe_load(f)
     deps = _deployments(yaml.safe_load(doc["spec"]["serveConfigV2"]))
-    need = sum(
-        _min_replicas(d) * d["ray_actor_options"].get("num_gpus", 0) for d in deps.values()
-    )
+    need = sum(_min_replicas(d) * d["ray_actor_options"].get("num_gpus", 0) for d in deps.values())
     have = 0
     for group in doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
         for c in group["template"]["spec"]["containers"]:
