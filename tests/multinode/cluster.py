@@ -23,20 +23,13 @@ def cluster(head: dict[str, Any], workers: list[dict[str, Any]]) -> Iterator[Any
     """A ``Cluster`` with ``head`` (add_node kwargs) and one node per ``workers`` entry; this
     process is its driver. Shut down (driver first) on exit."""
     import ray
-    from ray.cluster_utils import Cluster
 
     from serving.cli import set_serve_env_defaults
 
     set_serve_env_defaults()
     os.environ.pop("RAY_ADDRESS", None)
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={"_system_config": FAST_FAILURE_DETECTION, **head},
-    )
+    c = _start(head, workers)
     try:
-        for w in workers:
-            c.add_node(**w)
-        c.wait_for_nodes()
         ray.init(  # Cluster.connect() without the driver's log stream
             address=c.address,
             namespace="serve",
@@ -49,6 +42,29 @@ def cluster(head: dict[str, Any], workers: list[dict[str, Any]]) -> Iterator[Any
     finally:
         ray.shutdown()
         c.shutdown()
+
+
+def _start(head: dict[str, Any], workers: list[dict[str, Any]], attempts: int = 3) -> Any:
+    """The nodes, started again if one times out: Ray gives a new node 30 s to register,
+    which a loaded (or briefly paused) machine can miss."""
+    from ray.cluster_utils import Cluster
+
+    for attempt in range(attempts):
+        c = Cluster(
+            initialize_head=True,
+            head_node_args={"_system_config": FAST_FAILURE_DETECTION, **head},
+        )
+        try:
+            for w in workers:
+                c.add_node(**w)
+            c.wait_for_nodes()
+            return c
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception on a timeout
+            c.shutdown()
+            if attempt == attempts - 1 or "timed out" not in str(e):
+                raise
+            print(f"cluster start failed ({e}); starting again", flush=True)
+    raise AssertionError("unreachable")
 
 
 def alive_nodes() -> list[str]:

@@ -27,7 +27,7 @@ from tests.test_embed_inputs import write_good_folder
 from tests.test_training import tiny
 from tests.tiny import make_tiny_bundle, save_tiny_clip
 
-GPU_NODE = {"num_cpus": 2, "num_gpus": 1, "memory": 24 * 2**30}
+GPU_NODE = {"num_cpus": 4, "num_gpus": 1, "memory": 24 * 2**30}
 
 
 def _train_loop(config: dict[str, Any]) -> None:
