@@ -106,7 +106,8 @@ def _serve(workdir: str) -> dict[str, Any]:
     config["applications"][0]["runtime_env"] = {"env_vars": {"PYTHONPATH": os.getcwd()}}
     schema = serve_config(config, bundle, port=free_port(), gpus=2.0)
     requested = {
-        d.name: d.ray_actor_options.get("num_gpus", 0.0) for d in schema.applications[0].deployments
+        d.name: getattr(d.ray_actor_options, "num_gpus", None) or 0.0
+        for d in schema.applications[0].deployments
     }
     out: dict[str, Any] = {"requested_gpus": requested}
     try:
