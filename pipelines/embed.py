@@ -520,6 +520,10 @@ def _execute(
     )
     cpus = _actor_cpus(opts, ray.cluster_resources().get("CPU", 0.0), say)
     threads = opts.threads_per_worker or _default_threads(opts.workers, _node_cpus(), cpus)
+    if opts.gpus_per_worker > 0:  # a node granting a GPU it cannot use ends the run here
+        from infra.gpus import check_gpus
+
+        check_gpus(opts.gpus_per_worker, cpus, "an unclip embed worker")
     ds = ds.map_batches(
         Embedder,
         compute=ray.data.ActorPoolStrategy(size=opts.workers),

@@ -1,4 +1,4 @@
-"""The embedding step of the ETL: a callable class Ray Data runs in an actor pool. No Ray.
+"""The embedding step of the ETL: a callable class Ray Data runs in an actor pool.
 
 ``Embedder`` loads the CLIP once (``unclip.clip.Clip.load``) and turns a decoded batch
 (``pipelines.decode.DECODED_SCHEMA``) into schema-v1 columns: L2-normalised ``text_emb`` and
@@ -16,7 +16,9 @@ other at every operator: one preempted thread stalls the rest. ``bench/bench_emb
 another process busy on one core, 1 thread 2.24, 2 intra-op 5.21, 2 slices 1.97.
 
 torch and the CLIP are imported in the actor, not when this module is: the ETL's driver
-imports the class to hand it to Ray Data and needs neither.
+imports the class to hand it to Ray Data and needs neither. With ``device="cuda"`` the actor
+runs on the GPU Ray assigned it (``infra.gpus.ray_device``), and fails with a clear message
+where that node has no usable CUDA.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ class Embedder:
 
         from unclip.clip import Clip
 
+        if device != "cpu":  # the GPU Ray assigned this actor, never any visible one
+            from infra.gpus import ray_device
+
+            device = str(ray_device("an unclip embed worker"))
         self.slices = threads if threads > 1 and device == "cpu" else 1
         if self.slices > 1:
             torch.set_num_threads(1)

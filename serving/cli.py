@@ -1,8 +1,10 @@
-"""``unclip serve``: deploy ``serving/config.yaml`` for a bundle and block until Ctrl-C.
+"""``unclip serve``: deploy the Serve config for a bundle and block until Ctrl-C.
 
-It does what ``serve run serving/config.yaml`` does (``serve_start`` with the config's
-``http_options``, then ``deploy_apps``), after filling the config in for this bundle
-(``serve_config``). Tests deploy through the same two functions.
+The config is ``serving/config.yaml`` (GPU stages request ``num_gpus``) when the Ray cluster
+has GPUs and ``serving/config.cpu.yaml`` when it has none, unless ``--config`` names one.
+It does what ``serve run CONFIG`` does (``serve_start`` with the config's ``http_options``,
+then ``deploy_apps``), after filling the config in for this bundle (``serve_config``).
+Tests deploy through the same two functions.
 """
 
 from __future__ import annotations
@@ -25,13 +27,20 @@ from serving.guards import API_KEY_ENV, API_KEY_FILE_ENV, API_KEY_REQUIRED_ENV, 
 from unclip.checkpoint import read_bundle_spec
 from unclip.errors import UserError
 
-CONFIG_PATH = Path(__file__).parent / "config.yaml"
+CONFIG_PATH = Path(__file__).parent / "config.yaml"  # a GPU cluster's
+CPU_CONFIG_PATH = Path(__file__).parent / "config.cpu.yaml"  # no GPU: laptop, CI, the demo
 APP_NAME = "unclip"
 INGRESS = "Ingress"
 
 
-def load_config(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    p = Path(path) if path else CONFIG_PATH
+def default_config_path(gpus: float) -> Path:
+    """The shipped config for a Ray cluster with ``gpus`` GPUs in all."""
+    return CONFIG_PATH if gpus > 0 else CPU_CONFIG_PATH
+
+
+def load_config(path: str | os.PathLike[str] | None = None, gpus: float = 0.0) -> dict[str, Any]:
+    """The config at ``path``, else the shipped one for ``gpus`` (``default_config_path``)."""
+    p = Path(path) if path else default_config_path(gpus)
     try:
         data = yaml.safe_load(p.read_text())
     except FileNotFoundError:
@@ -57,10 +66,17 @@ def serve_config(
     and port; keeps only the ``UpsamplerN`` entries the bundle has; with ``require_api_key``
     the ingress refuses to start without a key in its environment (the key itself is never
     put in the config: the dashboard shows it); with ``gpus`` > 0 gives each model
-    deployment without ``num_gpus`` an equal share of one GPU.
+    deployment without ``num_gpus`` an equal share of one GPU; with ``gpus`` == 0 (a cluster
+    without GPUs) refuses a config that requests them: its replicas would wait forever.
     """
     from ray.serve.schema import ServeDeploySchema
 
+    if gpus == 0 and (wanting := gpu_deployments(config)):
+        raise UserError(
+            f"the Serve config requests GPUs ({', '.join(wanting)}) but the Ray cluster has "
+            f"none: use {CPU_CONFIG_PATH.name} (the default without GPUs), or deploy it with "
+            "`serve deploy` on a cluster that adds GPU nodes"
+        )
     cfg = copy.deepcopy(config)
     apps = [a for a in cfg["applications"] if a.get("name") == APP_NAME]
     if len(apps) != 1:
@@ -93,6 +109,17 @@ def serve_config(
         return ServeDeploySchema.model_validate(cfg)
     except Exception as e:  # noqa: BLE001 - pydantic's ValidationError, shown as one line
         raise UserError(f"invalid Serve config: {e}") from None
+
+
+def gpu_deployments(config: dict[str, Any]) -> list[str]:
+    """``"Name num_gpus"`` of each deployment of the config that requests GPUs."""
+    found = []
+    for app in config.get("applications", []):
+        for d in app.get("deployments", []):
+            n = float((d.get("ray_actor_options") or {}).get("num_gpus") or 0)
+            if n > 0:
+                found.append(f"{d['name']} {n:g}")
+    return found
 
 
 def deploy(schema: Any, timeout_s: float = 600.0, progress: bool = False) -> None:
@@ -198,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
     from ray.serve._private.constants import SERVE_NAMESPACE
 
-    config = load_config(args.config)
+    config = load_config(args.config)  # the host to check; reloaded below for the GPUs
     api_key = bool(read_api_keys())  # the replicas of our local Ray inherit this environment
     host = args.host or config.get("http_options", {}).get("host") or "127.0.0.1"
     check_exposure(host, api_key, args.insecure_no_api_key)
@@ -216,10 +243,12 @@ def run(args: argparse.Namespace) -> int:
 
             local_ray.init(namespace=SERVE_NAMESPACE, include_dashboard=False, log_to_driver=False)
     gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    if not args.config:  # the shipped config for this cluster: GPU stages only where GPUs are
+        config = load_config(None, gpus)
     schema = serve_config(config, bundle, args.host, args.port, api_key, gpus)
     print(
         f"unclip serve: deploying bundle {bundle} (stages {', '.join(spec.stages)}; "
-        f"{'GPU' if gpus else 'CPU'})",
+        f"{f'{gpus:g} GPU' if gpus else 'CPU'}; config {args.config or default_config_path(gpus)})",
         flush=True,
     )
 

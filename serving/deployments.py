@@ -15,6 +15,7 @@ Batching is tuned per deployment by its ``user_config`` (``serving/config.yaml``
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 from ray import serve
 from torch import Tensor
 
+from infra.gpus import ray_device
 from serving.batching import (
     DecodeJob,
     InvertJob,
@@ -59,9 +61,12 @@ CPU_OPTIONS = {"num_cpus": 0.25}
 STUCK_AFTER_S = 600.0  # a model call running longer than this fails the health check
 
 
+@functools.cache
 def device() -> str:
-    """The replica's device: a GPU if Ray gave it one (``num_gpus`` > 0), else the CPU."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The replica's device: the GPU Ray assigned it (``ray_actor_options.num_gpus`` > 0),
+    else the CPU, even where CUDA is visible. A replica granted a GPU on a node without
+    usable CUDA fails to start with that message (``infra.gpus.ray_device``)."""
+    return str(ray_device("a Serve replica"))
 
 
 def load_clip(bundle: str) -> Clip:
@@ -85,8 +90,8 @@ class _Stage:
                 f"a model call has been running for {time.monotonic() - oldest:.0f} s "
                 f"(limit {self.stuck_after_s:g} s): the replica is stuck"
             )
-        if device() == "cuda":
-            torch.cuda.synchronize()  # raises if the CUDA context is broken
+        if device().startswith("cuda"):
+            torch.cuda.synchronize(device())  # raises if the CUDA context is broken
 
     async def _compute(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` without gradients in a worker thread, tracked for ``check_health``."""

@@ -34,7 +34,7 @@ from serving.batching import (
     run_grouped,
     split_rows,
 )
-from serving.cli import CONFIG_PATH, check_exposure, load_config, serve_config
+from serving.cli import CONFIG_PATH, CPU_CONFIG_PATH, check_exposure, load_config, serve_config
 from serving.cost import check_cost, request_cost
 from serving.deployments import Decoder, ImageEncoder, Prior, TextEncoder, _Stage
 from serving.guards import read_api_keys
@@ -76,8 +76,9 @@ def png_header_b64(w: int, h: int) -> str:
 
 
 # ---------------------------------------------------------------------- Serve config
-def test_config_yaml_is_a_valid_serve_deploy_config() -> None:
-    schema = ServeDeploySchema.model_validate(load_config(CONFIG_PATH))
+@pytest.mark.parametrize("path", [CONFIG_PATH, CPU_CONFIG_PATH], ids=["gpu", "cpu"])
+def test_config_yaml_is_a_valid_serve_deploy_config(path: Any) -> None:
+    schema = ServeDeploySchema.model_validate(load_config(path))
     app = schema.applications[0]
     assert app.import_path == "serving.app:build_app"
     assert schema.http_options.host == "127.0.0.1"

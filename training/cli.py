@@ -309,6 +309,11 @@ def execute(job: TrainJob) -> TrainOutcome:
         "train": train,
         "heldout": _in_file_order(read_split(job.table, columns, "heldout", frac, job.duplicates)),
     }
+    resources = _worker_resources(job)
+    if job.gpu and job.workers > 0:  # a node granting a GPU it cannot use ends the run here
+        from infra.gpus import check_gpus
+
+        check_gpus(1, (resources or {}).get("CPU", 1.0), "a Ray Train worker")
     storage_fs, storage_path = fs.pyarrow_fs(job.storage)
     fs.makedirs(job.run_dir)
     loop = LoopConfig(
@@ -321,7 +326,7 @@ def execute(job: TrainJob) -> TrainOutcome:
         scaling_config=ScalingConfig(
             num_workers=job.workers,
             use_gpu=job.gpu,
-            resources_per_worker=_worker_resources(job),
+            resources_per_worker=resources,
         ),
         run_config=RunConfig(
             name=job.name,

@@ -128,7 +128,7 @@ def train_loop(config: dict[str, Any]) -> None:
     groups = None
     if cfg.hard_negatives and "group_key" in data:
         groups = HardNegatives(data["group_key"], data["group_variant"], cfg.hard_negatives)
-    device = ray.train.torch.get_device() if world > 1 or config.get("gpu") else torch.device("cpu")
+    device = _device(config, rank)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker
     model = build_clip(cfg.model).to(device)
@@ -335,6 +335,18 @@ def plan(
     return ClipJob(cfg, data, out, storage_uri, name, workers, gpu, 0, preset_name)
 
 
+def _device(config: dict[str, Any], rank: int) -> torch.device:
+    """A worker's device: the GPU Ray assigned it (a clear error where CUDA cannot use it),
+    else the CPU; in local mode (``data`` in the config: no worker group) Ray Train's."""
+    if "local_dir" in config:
+        import ray.train.torch
+
+        return ray.train.torch.get_device() if config.get("gpu") else torch.device("cpu")
+    from infra.gpus import ray_device
+
+    return ray_device(f"Ray Train worker {rank}")
+
+
 def fit(job: ClipJob, train: ImageTextData) -> tuple[int, dict[str, Any]]:
     """Run the TorchTrainer and copy its last checkpoint to ``job.out``: (step, metrics)."""
     import ray
@@ -353,6 +365,10 @@ def fit(job: ClipJob, train: ImageTextData) -> tuple[int, dict[str, Any]]:
         loop_config.update(data=ray.put(arrays), persisted=True)
     storage_fs, storage_path = storage_filesystem(job.storage)
     resources = {"CPU": job.train.cpus_per_worker, **({"GPU": 1} if job.gpu else {})}
+    if job.gpu and job.workers > 0:  # a node granting a GPU it cannot use ends the run here
+        from infra.gpus import check_gpus
+
+        check_gpus(1, job.train.cpus_per_worker, "a Ray Train worker")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,

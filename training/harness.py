@@ -455,7 +455,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = run.threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
     torch.set_num_threads(threads)
-    device = ray.train.torch.get_device()
+    device = _device(job.local_mode, rank)
     scale.check_parallel(run, device)
     stage = stage_for(cfg)
     _write_pid(run, rank)
@@ -684,6 +684,18 @@ def _time_up(run: TrainConfig, t0: float, step: int, world: int) -> bool:
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.broadcast(up, src=0)
     return bool(up.item())
+
+
+def _device(local_mode: bool, rank: int) -> torch.device:
+    """The GPU Ray assigned this worker (a clear error where CUDA cannot use it), else the
+    CPU; in local mode (no worker group) Ray Train's choice for the driver process."""
+    import ray.train.torch
+
+    if local_mode:
+        return ray.train.torch.get_device()
+    from infra.gpus import ray_device
+
+    return ray_device(f"Ray Train worker {rank}")
 
 
 def _try_load_clip(stage: Stage, device: torch.device) -> Clip | None:

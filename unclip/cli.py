@@ -223,7 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--bundle", required=True)
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--config", default=None, help="Serve config YAML (default serving/config.yaml)")
+    v.add_argument(
+        "--config",
+        default=None,
+        help="Serve config YAML (default: serving/config.yaml with GPUs, else config.cpu.yaml)",
+    )
     v.add_argument(
         "--insecure-no-api-key",
         action="store_true",
