@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PRESET ?= quick
 WORKDIR ?= work/demo
 
-.PHONY: install demo test test-fast test-slow lint bench clean
+.PHONY: install demo test test-fast test-multinode test-slow lint bench clean
 
 install: $(STAMP)
 
@@ -21,7 +21,10 @@ demo: install
 	$(VENV)/bin/unclip demo --workdir $(WORKDIR) --preset $(PRESET)
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 tests
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 -m "not multinode" tests
+
+test-multinode: install  # multi-node Ray clusters on this machine: minutes each, not in `make test`
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 -m multinode tests
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" --timeout=300 tests

@@ -60,9 +60,7 @@ def _nice(pid: int) -> int:
     return os.getpriority(os.PRIO_PROCESS, pid)
 
 
-def test_other_processes_of_the_session_are_reniced_training_workers_are_not(
-    session, monkeypatch
-):
+def test_other_processes_of_the_session_are_reniced_training_workers_are_not(session, monkeypatch):
     head, raylet, kids, workers = session
     me = next(w for w in workers if priority._title(w) == "ray::RayTrainWorker")
     gcs = next(k for k in kids if k != raylet)
