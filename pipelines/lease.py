@@ -193,7 +193,11 @@ class _S3Store(_Store):
         self.bucket, _, self.key = path.partition("/")
 
     def _call(self, method: str, **kw: object) -> dict:
-        return self.fs.call_s3(method, Bucket=self.bucket, Key=self.key, **kw)
+        try:
+            return self.fs.call_s3(method, Bucket=self.bucket, Key=self.key, **kw)
+        finally:  # s3fs lists through a cache that these raw calls bypass
+            if method != "get_object":
+                self.fs.invalidate_cache(f"{self.bucket}/{self.key}")
 
     def create(self, data: bytes) -> bool:
         try:
@@ -317,7 +321,7 @@ class Lease:
                 return self.info
             waited = time.monotonic() - t0
             if waited >= wait_s:
-                raise LeaseHeld(self.table, held, waited)
+                raise LeaseHeld(self.table, held, waited if wait_s else 0.0)
             until_expiry = held.expires - time.time()
             sleep(
                 max(
