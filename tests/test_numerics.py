@@ -64,6 +64,48 @@ def test_probe_times_every_option_interleaved_and_restores_rng_and_threads() -> 
     assert torch.get_num_threads() == threads
 
 
+def test_an_option_far_slower_in_warm_up_is_not_timed_again() -> None:
+    # a CPU without native bf16: bf16 calls emulated, ~100x slower than fp32
+    clock = FakeClock({FP32: 0.36, FP32_CL: 0.33, BF16: 34.0, BF16_CL: 2.1})
+    pruned: set[Numerics] = set()
+    opts = [FP32, FP32_CL, BF16, BF16_CL]
+    got = probe(clock.step, opts, warmup=1, repeats=3, clock=clock, pruned=pruned)
+    assert pruned == {BF16, BF16_CL}
+    assert clock.calls.count(BF16) == 1 and clock.calls.count(BF16_CL) == 1
+    assert clock.calls.count(FP32) == 4 and clock.calls.count(FP32_CL) == 4
+    assert got[BF16] == pytest.approx(34.0) and pick(got) == FP32_CL
+    # cheap calls are timed in full even when far slower (first calls exaggerate ratios)
+    clock = FakeClock({FP32: 0.05, BF16: 0.5})
+    pruned.clear()
+    probe(clock.step, [FP32, BF16], warmup=1, repeats=3, clock=clock, pruned=pruned)
+    assert not pruned and clock.calls.count(BF16) == 4
+    # the reference is always timed in full, however slow
+    clock = FakeClock({FP32: 8.0, BF16: 1.0})
+    probe(clock.step, [FP32, BF16], warmup=1, repeats=3, clock=clock, pruned=pruned)
+    assert not pruned and clock.calls.count(FP32) == 4
+
+
+def test_a_probe_at_other_threads_is_reused_for_dtype_and_format(tmp_path) -> None:
+    cache = NumericsCache(str(tmp_path / "n.json"))
+    clock = FakeClock({FP32: 0.5, BF16: 2.5, FP32_CL: 0.4, BF16_CL: 2.4})
+    first = choose(clock.step, [FP32, BF16, FP32_CL, BF16_CL], "w", cache, clock=clock)
+    assert first.numerics == FP32_CL and first.pruned == {BF16, BF16_CL}
+    assert "warm-up only" in first.summary()
+    calls = len(clock.calls)
+    one = [Numerics(n.amp, n.memory_format, 1) for n in (FP32, BF16, FP32_CL, BF16_CL)]
+    again = choose(clock.step, one, "w", cache, clock=clock)  # a 1-CPU replica
+    assert again.source == "cache" and again.numerics == Numerics("none", "channels_last", 1)
+    assert len(clock.calls) == calls
+    # a config that fixes fp32/contiguous is honoured, not overridden by the cached winner
+    fixed = choose(clock.step, [FP32, Numerics("none", "contiguous", 1)], "w", cache, clock=clock)
+    assert fixed.numerics.memory_format == "contiguous" and len(clock.calls) == calls
+    # a kind the cached probe never timed is measured
+    fresh = NumericsCache(str(tmp_path / "m.json"))
+    choose(clock.step, [FP32, FP32_CL], "w", fresh, clock=clock)
+    choose(clock.step, [FP32, BF16], "w", fresh, clock=clock)
+    assert BF16 in clock.calls[calls:]
+
+
 def test_choose_probes_caches_and_reuses_per_machine_and_workload(tmp_path) -> None:
     cache = NumericsCache(str(tmp_path / "n.json"))
     clock = FakeClock({FP32: 0.5, BF16: 0.3, FP32_CL: 0.45, BF16_CL: 0.35})

@@ -24,7 +24,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -40,6 +40,8 @@ MEMORY_FORMATS: tuple[str, ...] = ("contiguous", "channels_last")
 AUTO = "auto"
 DEFAULT_MARGIN = 0.05  # a non-default setting must be >= 5% faster to be picked
 BUSY_LIMIT = 0.3  # other processes' mean busy cores above which a probe is not cached
+PRUNE_RATIO = 4.0  # an option whose warm-up is this many times the fastest's is not timed on,
+PRUNE_MIN_S = 1.0  # if that warm-up also took this long (cheap calls are timed anyway)
 
 StepFn = Callable[["Numerics"], None]
 
@@ -142,37 +144,65 @@ def probe(
     clock: Callable[[], float] = time.perf_counter,
     min_seconds: float = 0.0,
     max_repeats: int = 15,
+    prune_ratio: float = PRUNE_RATIO,
+    pruned: set[Numerics] | None = None,
 ) -> dict[Numerics, float]:
     """Median seconds per call of ``step_fn(numerics)`` for each option.
 
     ``warmup`` calls per option are not timed (kernel and allocator set-up); options are
     timed in interleaved rounds, so a passing load spike hits all of them alike. Short steps
     get more rounds (up to ``max_repeats``) until each option is timed for ``min_seconds``:
-    three 0.07 s steps are too few to tell two settings apart. Torch's RNG state and thread
-    count are restored afterwards: probing changes no later result.
+    three 0.07 s steps are too few to tell two settings apart. An option whose fastest
+    warm-up call took more than ``prune_ratio`` times the fastest option's, and at least
+    ``PRUNE_MIN_S`` (a first call carries kernel set-up that can exaggerate the ratio of
+    short calls), is out of the race and is not called again: its warm-up time is its
+    timing, and it is added to ``pruned`` (on a CPU without native bf16, a bf16 sampling call took 34 s against fp32's
+    0.36 s; timing it three more times made one probe last 148 s). The reference setting
+    (``default_of``) is always timed in full. Torch's RNG state and thread count are
+    restored afterwards: probing changes no later result.
     """
     if not options:
         raise ValueError("nothing to probe: no candidate settings")
     rng, threads = torch.get_rng_state(), torch.get_num_threads()
-    times: dict[Numerics, list[float]] = {o: [] for o in options}
+    first: dict[Numerics, float] = {}
+    times: dict[Numerics, list[float]] = {}
     try:
-        slowest = 0.0
         for o in options:
             for _ in range(warmup):
                 t = clock()
                 step_fn(o)
-                slowest = max(slowest, clock() - t)
+                first[o] = min(first.get(o, math.inf), clock() - t)
+        reference = default_of(options)
+        fastest = min(first.values(), default=0.0)
+        racing = [
+            o
+            for o in options
+            if warmup < 1
+            or o == reference
+            or first[o] <= prune_ratio * fastest
+            or first[o] < PRUNE_MIN_S
+        ]
+        slowest = max((first[o] for o in racing), default=0.0)
         if min_seconds > 0 and slowest > 0:
             repeats = max(repeats, min(max_repeats, math.ceil(min_seconds / slowest)))
+        times = {o: [] for o in racing}
         for _ in range(repeats):
-            for o in options:
+            for o in racing:
                 t = clock()
                 step_fn(o)
                 times[o].append(clock() - t)
     finally:
         torch.set_rng_state(rng)
         torch.set_num_threads(threads)
-    return {o: statistics.median(ts) for o, ts in times.items()}
+    out = {}
+    for o in options:
+        if o in times:
+            out[o] = statistics.median(times[o])
+        else:
+            out[o] = first[o]
+            if pruned is not None:
+                pruned.add(o)
+    return out
 
 
 def default_of(options: Sequence[Numerics]) -> Numerics:
@@ -195,13 +225,17 @@ def pick(timings: dict[Numerics, float], margin: float = DEFAULT_MARGIN) -> Nume
     return reference
 
 
-def describe(timings: dict[Numerics, float], chosen: Numerics) -> str:
-    """One line: every candidate's time, the chosen one marked, relative to the reference."""
+def describe(
+    timings: dict[Numerics, float], chosen: Numerics, pruned: Collection[Numerics] = ()
+) -> str:
+    """One line: every candidate's time, the chosen one marked, relative to the reference;
+    options timed by their warm-up call only (``probe``'s ``pruned``) say so."""
     ref = timings[default_of(list(timings))]
     parts = []
     for o in sorted(timings, key=lambda o: timings[o]):
         mark = "*" if o == chosen else ""
-        parts.append(f"{mark}{o.label} {timings[o]:.3f}s ({ref / timings[o]:.2f}x)")
+        note = ", warm-up only" if o in pruned else ""
+        parts.append(f"{mark}{o.label} {timings[o]:.3f}s ({ref / timings[o]:.2f}x{note})")
     return ", ".join(parts)
 
 
@@ -293,9 +327,10 @@ class NumericsCache:
             chosen = Numerics(**entry["chosen"])
             timings = {Numerics(**o): float(t) for o, t in entry["timings"]}
             threads = {Numerics(**o): float(t) for o, t in entry.get("thread_timings", [])}
+            pruned = frozenset(Numerics(**o) for o in entry.get("pruned", []))
         except (KeyError, TypeError, ValueError):
             return None
-        return Choice(chosen, timings, "cache", threads)
+        return Choice(chosen, timings, "cache", threads, pruned=pruned)
 
     def put(self, workload: str, choice: Choice) -> None:
         data = self._read()
@@ -303,6 +338,7 @@ class NumericsCache:
             "chosen": asdict(choice.numerics),
             "timings": [[asdict(o), t] for o, t in choice.timings.items()],
             "thread_timings": [[asdict(o), t] for o, t in choice.thread_timings.items()],
+            "pruned": [asdict(o) for o in sorted(choice.pruned)],
             "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         try:
@@ -326,6 +362,7 @@ class Choice:
     source: Literal["probe", "cache", "fixed"]
     thread_timings: dict[Numerics, float] = field(default_factory=dict)
     busy_elsewhere: float = 0.0  # other processes' mean busy cores during the probe
+    pruned: frozenset[Numerics] = frozenset()  # timed by their warm-up call only
 
     def summary(self) -> str:
         if self.source == "fixed":
@@ -335,15 +372,38 @@ class Choice:
             o for o in self.timings if replace(o, threads=self.numerics.threads) == self.numerics
         ]
         first = won[0] if won else self.numerics
-        line = f"{self.numerics.label} ({self.source}: {describe(self.timings, first)}"
+        line = f"{self.numerics.label} ({self.source}: "
+        line += describe(self.timings, first, self.pruned)
         if self.thread_timings:
-            line += f"; threads: {describe(self.thread_timings, self.numerics)}"
+            line += f"; threads: {describe(self.thread_timings, self.numerics, self.pruned)}"
         if self.busy_elsewhere > BUSY_LIMIT:
             line += (
                 f"; other processes kept {self.busy_elsewhere:.2f} cores busy during the"
                 " probe: the choice is used for this run only, not cached"
             )
         return line + ")"
+
+
+def from_cache(hit: Choice, options: Sequence[Numerics], margin: float) -> Choice | None:
+    """``hit``'s choice among ``options`` where ``hit`` timed every (dtype, memory format)
+    of ``options``, possibly at another thread count; None if it did not.
+
+    Which dtype and memory format win rarely depends on the thread count, while probing
+    again costs up to a minute on CPUs where one candidate is emulated; so the cached
+    winner among ``options``' kinds is kept, at no more threads than ``options`` allow
+    (and no more than the cached choice took)."""
+    kind = lambda o: (o.amp, o.memory_format)  # noqa: E731
+    kinds = {kind(o) for o in options}
+    timed = {o: t for o, t in hit.timings.items() if kind(o) in kinds}
+    if kinds - {kind(o) for o in timed}:
+        return None
+    if set(options) <= set(timed) and hit.numerics in options:
+        return hit
+    best = hit.numerics if kind(hit.numerics) in kinds else pick(timed, margin)
+    threads = min(best.threads, max(o.threads for o in options))
+    if kind(best) != kind(hit.numerics):  # the cached thread choice was for another kind
+        threads = max(o.threads for o in options)
+    return replace(hit, numerics=replace(best, threads=threads), source="cache")
 
 
 def choose(
@@ -363,17 +423,21 @@ def choose(
     ``fewer_threads`` (a second, short round: threads rarely change which dtype wins).
     A single option with no thread alternatives is used as given, without timing. A probe
     during which other processes kept more than ``BUSY_LIMIT`` cores busy (``meter``) is
-    used but not cached: the next run measures again."""
+    used but not cached: the next run measures again. A cached probe of the same workload
+    at another thread count (a Serve replica given 1 CPU after eval probed with 2) is
+    reused for the dtype and memory format: see ``from_cache``."""
     options = list(dict.fromkeys(options))
     fewer = [t for t in dict.fromkeys(fewer_threads) if t >= 1]
     if len(options) == 1 and not fewer:
         return Choice(options[0], {}, "fixed")
     if cache is not None:
         hit = cache.get(workload)
-        if hit is not None and set(options) <= set(hit.timings):
-            return hit
+        reused = from_cache(hit, options, margin) if hit is not None else None
+        if reused is not None:
+            return reused
     busy = meter()
-    timings = probe(step_fn, options, warmup, repeats, clock, min_seconds)
+    pruned: set[Numerics] = set()
+    timings = probe(step_fn, options, warmup, repeats, clock, min_seconds, pruned=pruned)
     chosen = pick(timings, margin)
     alternatives = [replace(chosen, threads=t) for t in fewer if t != chosen.threads]
     thread_timings: dict[Numerics, float] = {}
@@ -383,7 +447,7 @@ def choose(
             step_fn, [chosen, *alternatives], warmup, repeats, clock, min_seconds
         )
         chosen = pick(thread_timings, margin)
-    choice = Choice(chosen, timings, "probe", thread_timings, busy())
+    choice = Choice(chosen, timings, "probe", thread_timings, busy(), frozenset(pruned))
     if cache is not None and choice.busy_elsewhere <= BUSY_LIMIT:
         cache.put(workload, choice)
     return choice
