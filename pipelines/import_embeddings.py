@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import table
+from pipelines.lease import Lease
 from pipelines.sources import Problem, hash_id
 from unclip import fs
 from unclip.clip_identity import ClipIdentity
@@ -340,7 +341,6 @@ def import_clip_retrieval(
 ) -> ImportSummary:
     """Import a clip-retrieval output folder into the table at ``output`` (module doc)."""
     from unclip.clip import identity_of
-    from unclip.schema import table_schema
 
     say = log or (lambda m: None)
     t0 = time.perf_counter()
@@ -371,6 +371,30 @@ def import_clip_retrieval(
                 "import precomputed embeddings into a table of their own"
             )
     table.check_writable(output)
+    # the same lease as `unclip embed`: a second import (or an embed run) on this table
+    # exits with one line instead of writing the same ids twice
+    with Lease(output).held() as lease:
+        if lease.took_over is not None:
+            say(f"import: took over the expired lease of {lease.took_over.owner} on {output}")
+        table.remove_stale_temp(output)  # a dead run's: nobody else can be writing
+        table.remove_stale_temp(errors_uri(output))
+        written, skipped, failed = _import_leased(shards, output, identity, renormalize, lease, say)
+    elapsed = time.perf_counter() - t0
+    return ImportSummary(output, len(shards), total, written, skipped, failed, renormalize, elapsed)
+
+
+def _import_leased(
+    shards: list[Shard],
+    output: str,
+    identity: ClipIdentity,
+    renormalize: bool,
+    lease: Lease,
+    say: Callable[[str], None],
+) -> tuple[int, int, int]:
+    """Write every shard's new rows (and its problems) to ``output`` under ``lease``;
+    (written, skipped, failed)."""
+    from unclip.schema import table_schema
+
     schema = table_schema(identity.embed_dim, identity, with_image=False, with_source_meta=True)
     tokenize = tokenizer_for(identity)
     done = table.committed_ids(output)
@@ -398,12 +422,13 @@ def import_clip_retrieval(
             fresh = [p for p in problems if (p.id, p.stage, p.error) not in known]
             if fresh:  # the errors of a part first, then its rows (as `unclip embed`)
                 t = table.problems_table([tuple(p) for p in fresh])
+                lease.check()
                 table.write_part(t, errors_uri(output), [repr(tuple(p)) for p in fresh])
                 failed += len(fresh)
             if rows.num_rows:
                 part = rows.cast(schema)
+                lease.check()
                 table.write_part(part, output, part.column("id").to_pylist())
                 written += part.num_rows
         say(f"import: shard {shard.name} ({k + 1}/{len(shards)}), {written} rows written")
-    elapsed = time.perf_counter() - t0
-    return ImportSummary(output, len(shards), total, written, skipped, failed, renormalize, elapsed)
+    return written, skipped, failed

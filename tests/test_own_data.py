@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +19,7 @@ from PIL import Image
 from pipelines import sources
 from pipelines.embed import run_embed
 from pipelines.import_embeddings import import_clip_retrieval
+from pipelines.lease import Lease, LeaseHeld, read_lease
 from tests.tables import COLOURS
 from tests.test_embed import opts, read_errors, read_rows
 from tests.test_training import tiny
@@ -311,6 +313,29 @@ def test_clip_retrieval_import_writes_schema_v1_and_the_prior_trains(
     assert main([*args, "--workers", "0"]) == 1
     err = capsys.readouterr().err
     assert "no image column" in err and "trains on images" in err and "prior only" in err
+
+
+def test_clip_retrieval_import_takes_the_tables_lease(retrieval, tmp_path) -> None:
+    """A second import (or an embed run) on the same table exits with one line and writes
+    nothing; a killed import's lease expires and the next run takes it over."""
+    out = tmp_path / "table"
+    out.mkdir()
+    clip = str(retrieval["root"] / "clip")
+    other = Lease(str(out), ttl_s=3600)  # a run that is alive and writing
+    other.acquire()
+    with pytest.raises(LeaseHeld, match=f"holds the lease on {out}: {other.owner}"):
+        import_clip_retrieval(retrieval["input"], str(out), clip)
+    assert not parquet_files(str(out)) and not parquet_files(errors_uri(str(out)))
+    other.release()
+    dead = Lease(str(out), ttl_s=0.01)  # a run that was killed: no heartbeat
+    dead.acquire()
+    time.sleep(0.05)
+    said: list[str] = []
+    s = import_clip_retrieval(retrieval["input"], str(out), clip, log=said.append)
+    assert s.written == 38 and any(
+        f"took over the expired lease of {dead.owner}" in m for m in said
+    )
+    assert read_lease(str(out)) is None  # released at the end
 
 
 def test_clip_retrieval_faults_are_refused_before_anything_is_written(
