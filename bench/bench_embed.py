@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Self
 
 import numpy as np
 import open_clip
@@ -212,17 +213,46 @@ def _process_kind(pid: int) -> str:
     return os.path.basename(prog.split()[0]) if prog else "?"
 
 
-class CpuMeter:
+class Sampler:
+    """``sample()`` on entering a ``with`` block, every ``every_s`` seconds in a thread while
+    inside it, and on leaving; ``own`` is the sampling thread's own CPU time."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s, self.stop, self.own = every_s, threading.Event(), 0.0
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def begin(self) -> None:
+        self.sample()
+
+    def run(self) -> None:
+        t0 = time.thread_time()
+        while not self.stop.wait(self.every_s):
+            self.sample()
+        self.own = time.thread_time() - t0
+
+    def __enter__(self) -> Self:
+        self.begin()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sample()
+
+
+class CpuMeter(Sampler):
     """CPU seconds (user + system) used by this process and all its descendants (the Ray it
     started: GCS, raylet, workers, actors) while inside the ``with`` block. Sampled every
     0.2 s so that processes which exit (the actor at the end) still count, less <0.2 s."""
 
     def __init__(self, every_s: float = 0.2) -> None:
-        self.every_s = every_s
+        super().__init__(every_s)
         self.first: dict[tuple[int, int], float] = {}
         self.last: dict[tuple[int, int], float] = {}
-        self.stop = threading.Event()
-        self.own = 0.0
         self.kind: dict[str, float] = {}
         self.started: set[tuple[int, int]] = set()
 
@@ -235,23 +265,9 @@ class CpuMeter:
                 kind = _process_kind(key[0])
                 self.kind[kind] = self.kind.get(kind, 0.0) + cpu - prev
 
-    def run(self) -> None:
-        t0 = time.thread_time()
-        while not self.stop.wait(self.every_s):
-            self.sample()
-        self.own = time.thread_time() - t0  # the meter's own reading of /proc, not counted
-
-    def __enter__(self) -> CpuMeter:
+    def begin(self) -> None:
         self.sample()
         self.started = set(self.first)
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.sample()
 
     def by_kind(self) -> dict[str, float]:
         """CPU seconds per kind of process at the time it was used (sampled)."""

@@ -29,13 +29,12 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench_embed import SMALL_CLIP_CFG, _process_kind, make_images  # noqa: E402
+from bench.bench_embed import SMALL_CLIP_CFG, Sampler, _process_kind, make_images  # noqa: E402
 
 MB = 1024 * 1024
 
@@ -85,13 +84,13 @@ def _kind(pid: int) -> str:
     return kind
 
 
-class RssMeter:
+class RssMeter(Sampler):
     """Peak RSS of this process and every descendant (the local Ray it started), by kind,
     sampled while inside the ``with`` block (one Ray session serves several runs: the
     peaks are those of this run's window, not of each process's lifetime)."""
 
     def __init__(self, every_s: float = 0.5) -> None:
-        self.every_s, self.stop = every_s, threading.Event()
+        super().__init__(every_s)
         self.peaks: dict[str, Peak] = {}
         self.kind_of: dict[int, str] = {}
 
@@ -108,21 +107,6 @@ class RssMeter:
             p.rss_kb = max(p.rss_kb, kb.get("VmRSS", 0))
             p.anon_kb = max(p.anon_kb, kb.get("RssAnon", 0))
             p.pids.add(pid)
-
-    def run(self) -> None:
-        while not self.stop.wait(self.every_s):
-            self.sample()
-
-    def __enter__(self) -> RssMeter:
-        self.sample()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.sample()
 
 
 def spilled_mib() -> float:

@@ -69,7 +69,20 @@ class Embedder:
         return pa.concat_tables(self.pool.map(self.embed, parts))
 
     def embed(self, batch: pa.Table) -> pa.Table:
-        """One forward pass over ``batch`` (the rows that failed upstream pass through)."""
+        """``forward`` over ``batch``; if it raises, the batch is embedded again in halves
+        down to single rows, and a row that still raises becomes an ``embed`` error row with
+        the exception's message: one row never fails a batch (or the job)."""
+        try:
+            return self.forward(batch)
+        except Exception as e:  # noqa: BLE001 - whatever a row raises is that row's error
+            if batch.num_rows <= 1:
+                return self.failing(batch, f"{type(e).__name__}: {e}")
+        half = batch.num_rows // 2
+        return pa.concat_tables([self.embed(batch.slice(0, half)), self.embed(batch.slice(half))])
+
+    def forward(self, batch: pa.Table) -> pa.Table:
+        """One forward pass over ``batch`` (the rows that failed upstream pass through); a
+        row whose embedding is not finite becomes an ``embed`` error row."""
         import torch
 
         ident = self.clip.identity
@@ -98,6 +111,36 @@ class Embedder:
             )
             images = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
             image_emb[idx] = self.clip.encode_images(images).cpu().numpy()
+        bad = ~(np.isfinite(text_emb).all(1) & np.isfinite(image_emb).all(1))
+        failed = {int(j): "embedding is not finite" for j in np.flatnonzero(bad & good)}
+        return self._table(batch, text_emb, image_emb, tokens, warning, failed)
+
+    def failing(self, batch: pa.Table, message: str) -> pa.Table:
+        """``batch`` with every row not already failed upstream as an ``embed`` error."""
+        n, dim = batch.num_rows, self.clip.identity.embed_dim
+        upstream = pc.is_null(batch.column("stage")).to_numpy(zero_copy_only=False)
+        zeros = np.zeros((n, dim), np.float32)
+        failed = {int(j): message for j in np.flatnonzero(upstream)}
+        return self._table(batch, zeros, zeros.copy(), [[] for _ in range(n)], [None] * n, failed)
+
+    @staticmethod
+    def _table(
+        batch: pa.Table,
+        text_emb: np.ndarray,
+        image_emb: np.ndarray,
+        tokens: list[list[int]],
+        warning: list[str | None],
+        failed: dict[int, str],
+    ) -> pa.Table:
+        """The output columns; rows in ``failed`` become ``embed`` errors (zero embeddings)."""
+        stage, error = batch.column("stage"), batch.column("error")
+        if failed:
+            rows = list(failed)
+            text_emb[rows], image_emb[rows] = 0.0, 0.0
+            stage_l, error_l = stage.to_pylist(), error.to_pylist()
+            for j, message in failed.items():
+                stage_l[j], error_l[j], tokens[j], warning[j] = "embed", message, [], None
+            stage, error = pa.array(stage_l, pa.string()), pa.array(error_l, pa.string())
         return pa.table(
             {
                 "id": batch.column("id"),
@@ -110,8 +153,8 @@ class Embedder:
                 "url": batch.column("url"),
                 "width": batch.column("width"),
                 "height": batch.column("height"),
-                "stage": batch.column("stage"),
-                "error": batch.column("error"),
+                "stage": stage,
+                "error": error,
                 "warning": pa.array(warning, pa.string()),
             }
         )

@@ -400,6 +400,57 @@ def test_embedder_matches_clip_and_schema_types(tmp_path) -> None:
     assert abs(np.linalg.norm(good["image_emb"]) - 1) < 1e-5
 
 
+def test_a_row_the_clip_raises_on_or_makes_nan_fails_alone(tmp_path) -> None:
+    """One row whose text makes the CLIP raise, one whose image embedding is NaN: both become
+    ``embed`` error rows with the reason; every other row is embedded as in a clean batch."""
+    save_tiny_clip(str(tmp_path / "clip"))
+    write_bad_folder(str(tmp_path / "in"))
+    _, files = sources.detect(str(tmp_path / "in"))
+    kept, _ = sources.dedup(sources.index_folder(str(tmp_path / "in"), files).entries)
+    decoded = decode_rows(sources.read_unit(sources.make_units(kept, 1000)[0]), 32, 0)
+    clean = Embedder(str(tmp_path / "clip"))(decoded)
+    ok = [r["id"] for r in clean.to_pylist() if r["stage"] is None]
+    assert len(ok) >= 3
+    boom, nan = ok[0], ok[1]
+    captions = dict(zip(decoded["id"].to_pylist(), decoded["caption"].to_pylist(), strict=True))
+    faulty = Embedder(str(tmp_path / "clip"))
+    encode_text, encode_images = faulty.clip.encode_text, faulty.clip.encode_images
+    poison = faulty.clip.tokenize([captions[boom]])[0][0]
+
+    def text(ids: torch.Tensor) -> torch.Tensor:
+        if any(torch.equal(row, poison) for row in ids):
+            raise RuntimeError("kernel failed on this row")
+        return encode_text(ids)
+
+    nan_pixels = decoded.filter(pa.compute.equal(decoded["id"], nan))["pixels"][0].as_py()
+    marker = torch.from_numpy(np.frombuffer(nan_pixels, np.uint8).copy())
+
+    def images(x: torch.Tensor) -> torch.Tensor:
+        out = encode_images(x)
+        flat = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).reshape(len(x), -1)
+        for i, row in enumerate(flat):
+            if torch.equal(row, marker):
+                out[i] = float("nan")
+        return out
+
+    faulty.clip.encode_text, faulty.clip.encode_images = text, images
+    out = faulty(decoded)
+    assert out.schema == clean.schema and out.num_rows == decoded.num_rows
+    rows, before = {r["id"]: r for r in out.to_pylist()}, {r["id"]: r for r in clean.to_pylist()}
+    assert (rows[boom]["stage"], rows[boom]["error"]) == (
+        "embed",
+        "RuntimeError: kernel failed on this row",
+    )
+    assert (rows[nan]["stage"], rows[nan]["error"]) == ("embed", "embedding is not finite")
+    for rid, row in rows.items():
+        if rid in (boom, nan):
+            assert not any(row["image_emb"]) and row["text_tokens"] == []
+            continue
+        assert (row["stage"], row["error"]) == (before[rid]["stage"], before[rid]["error"])
+        np.testing.assert_allclose(row["image_emb"], before[rid]["image_emb"], atol=1e-5)
+        np.testing.assert_allclose(row["text_emb"], before[rid]["text_emb"], atol=1e-5)
+
+
 def test_embedder_slices_in_threads_give_the_same_table(tmp_path) -> None:
     save_tiny_clip(str(tmp_path / "clip"))
     write_bad_folder(str(tmp_path / "in"))

@@ -15,12 +15,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.multinode.cluster import wait_for
 from tests.tables import write_table
 from tests.test_training import TINY, tiny
 from tests.tiny import save_tiny_clip
@@ -39,16 +39,6 @@ def table(tmp_path_factory) -> str:
     clip = save_tiny_clip(str(root / "clip"))
     write_table(str(root / "table"), clip, n=128, image_size=32)
     return str(root / "table")
-
-
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def records(run_dir: Path) -> list[dict]:
