@@ -14,6 +14,9 @@ CLIP of the embedded default's shape (embed 128, text width 128, context 32):
     ray x1  ``unclip train``'s path (plan + execute): TorchTrainer, 1 worker, 2 threads,
             data streamed from the Parquet table through Ray Data, numerics "auto"
     ray x2  2 workers (DDP over gloo), 1 thread each, the same per-worker batch
+    ray x2h 2 workers, 1 thread each, half the batch each: the same global batch (the same
+            training, step for step) as ray x1, split over the two cores by DDP instead of
+            by intra-op threads
 
 Seconds per step are measured in windows of ``--window`` steps (the Ray loop's own
 ``metrics.jsonl`` windows, skipping the first, which holds the start-up); the script prints
@@ -129,9 +132,14 @@ class _NoCache:
         pass
 
 
-def ray_train(stage: str, table: str, window: int, workers: int) -> tuple[list[float], int]:
-    """Window times (s/step) of a real Ray Train run with ``workers`` workers."""
+def ray_train(
+    stage: str, table: str, window: int, workers: int, batch: int = 0
+) -> tuple[list[float], int]:
+    """Window times (s/step) of a real Ray Train run with ``workers`` workers (per-worker
+    ``batch`` rows if given, else the preset's)."""
     extra = {"threads": 2 // workers, "cpus_per_worker": 1.0 / workers}
+    if batch:
+        extra["batch_size"] = batch
     root = tempfile.mkdtemp()
     job = plan(
         stage, table, f"{root}/{stage}", overrides=run_options(stage, window, **extra),
@@ -176,26 +184,29 @@ def main() -> None:
             print(f"  plain {n.label}: {plain_s[n]:.3f} s/step", flush=True)
         one, batch = ray_train(stage, table, args.window, 1)
         two, _ = ray_train(stage, table, args.window, 2)
-        r1, r2 = statistics.median(one), statistics.median(two)
+        half, _ = ray_train(stage, table, args.window, 2, batch // 2)
+        r1, r2, rh = statistics.median(one), statistics.median(two), statistics.median(half)
         print(
             f"  ray x1 {r1:.3f} s/step (windows {', '.join(f'{x:.3f}' for x in one)}) | "
-            f"ray x2 {r2:.3f} s/step",
+            f"ray x2 {r2:.3f} s/step | ray x2h {rh:.3f} s/step "
+            f"(windows {', '.join(f'{x:.3f}' for x in half)})",
             flush=True,
         )
-        rows.append((stage, batch, plain_s, chosen, r1, r2))
+        rows.append((stage, batch, plain_s, chosen, r1, r2, rh))
     print(f"\nload average after: {os.getloadavg()}")
     print(
         f"{'stage':<10}{'batch':>6}{'probe pick':>24}{'fastest plain':>24}{'pick/fastest':>13}"
         f"{'plain(pick)':>12}{'ray x1':>8}{'x1/plain':>9}{'ray x2':>8}{'x2/x1 samples/s':>17}"
+        f"{'ray x2h':>8}{'x2h/x1':>10}"
     )
-    for stage, batch, plain_s, chosen, r1, r2 in rows:
+    for stage, batch, plain_s, chosen, r1, r2, rh in rows:
         fastest = min(plain_s, key=plain_s.get)
         base = plain_s[chosen]
         # ratios of throughput: > 1 means faster than the reference
         print(
             f"{stage:<10}{batch:>6}{chosen.label:>24}{fastest.label:>24}"
             f"{plain_s[fastest] / base:>13.2f}{base:>12.3f}{r1:>8.3f}{base / r1:>9.2f}"
-            f"{r2:>8.3f}{(2 * batch / r2) / (batch / r1):>17.2f}"
+            f"{r2:>8.3f}{(2 * batch / r2) / (batch / r1):>17.2f}{rh:>8.3f}{r1 / rh:>10.2f}"
         )
     ray.shutdown()
 

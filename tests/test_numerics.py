@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -17,6 +18,12 @@ FP32 = Numerics("none", "contiguous", 2)
 BF16 = Numerics("bf16", "contiguous", 2)
 FP32_CL = Numerics("none", "channels_last", 2)
 BF16_CL = Numerics("bf16", "channels_last", 2)
+
+
+def QUIET() -> Callable[[], float]:  # noqa: N802 - a meter: nothing else runs on the machine
+    """A meter that reports an idle machine: a test's own caching does not depend on what
+    else runs beside the test suite (a busy machine's probe is not cached, by design)."""
+    return lambda: 0.0
 
 
 class FakeClock:
@@ -88,21 +95,23 @@ def test_an_option_far_slower_in_warm_up_is_not_timed_again() -> None:
 def test_a_probe_at_other_threads_is_reused_for_dtype_and_format(tmp_path) -> None:
     cache = NumericsCache(str(tmp_path / "n.json"))
     clock = FakeClock({FP32: 0.5, BF16: 2.5, FP32_CL: 0.4, BF16_CL: 2.4})
-    first = choose(clock.step, [FP32, BF16, FP32_CL, BF16_CL], "w", cache, clock=clock)
+    first = choose(clock.step, [FP32, BF16, FP32_CL, BF16_CL], "w", cache, clock=clock, meter=QUIET)
     assert first.numerics == FP32_CL and first.pruned == {BF16, BF16_CL}
     assert "warm-up only" in first.summary()
     calls = len(clock.calls)
     one = [Numerics(n.amp, n.memory_format, 1) for n in (FP32, BF16, FP32_CL, BF16_CL)]
-    again = choose(clock.step, one, "w", cache, clock=clock)  # a 1-CPU replica
+    again = choose(clock.step, one, "w", cache, clock=clock, meter=QUIET)  # a 1-CPU replica
     assert again.source == "cache" and again.numerics == Numerics("none", "channels_last", 1)
     assert len(clock.calls) == calls
     # a config that fixes fp32/contiguous is honoured, not overridden by the cached winner
-    fixed = choose(clock.step, [FP32, Numerics("none", "contiguous", 1)], "w", cache, clock=clock)
+    fixed = choose(
+        clock.step, [FP32, Numerics("none", "contiguous", 1)], "w", cache, clock=clock, meter=QUIET
+    )
     assert fixed.numerics.memory_format == "contiguous" and len(clock.calls) == calls
     # a kind the cached probe never timed is measured
     fresh = NumericsCache(str(tmp_path / "m.json"))
-    choose(clock.step, [FP32, FP32_CL], "w", fresh, clock=clock)
-    choose(clock.step, [FP32, BF16], "w", fresh, clock=clock)
+    choose(clock.step, [FP32, FP32_CL], "w", fresh, clock=clock, meter=QUIET)
+    choose(clock.step, [FP32, BF16], "w", fresh, clock=clock, meter=QUIET)
     assert BF16 in clock.calls[calls:]
 
 
@@ -114,14 +123,14 @@ def test_choose_probes_caches_and_reuses_per_machine_and_workload(tmp_path) -> N
         clock.step(n)
 
     opts = [FP32, BF16, FP32_CL, BF16_CL]
-    first = choose(step, opts, "decoder-a", cache, clock=clock)
+    first = choose(step, opts, "decoder-a", cache, clock=clock, meter=QUIET)
     assert first.source == "probe" and first.numerics == BF16
     assert first.timings[FP32] > first.timings[BF16]
     calls = len(clock.calls)
-    again = choose(step, opts, "decoder-a", cache, clock=clock)
+    again = choose(step, opts, "decoder-a", cache, clock=clock, meter=QUIET)
     assert again.source == "cache" and again.numerics == BF16 and len(clock.calls) == calls
     other = choose(
-        step, opts, "decoder-b", cache, clock=clock
+        step, opts, "decoder-b", cache, clock=clock, meter=QUIET
     )  # another workload is measured afresh
     assert other.source == "probe" and len(clock.calls) > calls
     stored = json.loads((tmp_path / "n.json").read_text())
@@ -132,7 +141,7 @@ def test_a_damaged_cache_is_measured_again(tmp_path) -> None:
     path = tmp_path / "n.json"
     path.write_text("{not json")
     clock = FakeClock({FP32: 0.5, BF16: 0.3})
-    got = choose(clock.step, [FP32, BF16], "w", NumericsCache(str(path)), clock=clock)
+    got = choose(clock.step, [FP32, BF16], "w", NumericsCache(str(path)), clock=clock, meter=QUIET)
     assert got.source == "probe" and got.numerics == BF16
     assert json.loads(path.read_text())  # rewritten whole
 
@@ -141,14 +150,16 @@ def test_fewer_threads_are_tried_on_the_winner_only(tmp_path) -> None:
     one = Numerics("bf16", "contiguous", 1)
     clock = FakeClock({FP32: 0.5, BF16: 0.3, one: 0.2})
     cache = NumericsCache(str(tmp_path / "n.json"))
-    got = choose(clock.step, [FP32, BF16], "w", cache, fewer_threads=[1], clock=clock)
+    got = choose(clock.step, [FP32, BF16], "w", cache, fewer_threads=[1], clock=clock, meter=QUIET)
     assert got.numerics == one
     assert Numerics("none", "contiguous", 1) not in clock.calls
     # each round's timings are kept apart: round 1 compares dtypes at full threads only
     assert set(got.timings) == {FP32, BF16} and set(got.thread_timings) == {BF16, one}
     assert got.summary().startswith("bf16/contiguous/1t (probe: *bf16/contiguous/2t")
     assert "; threads: *bf16/contiguous/1t" in got.summary()
-    again = choose(clock.step, [FP32, BF16], "w", cache, fewer_threads=[1], clock=clock)
+    again = choose(
+        clock.step, [FP32, BF16], "w", cache, fewer_threads=[1], clock=clock, meter=QUIET
+    )
     assert again.source == "cache" and again.thread_timings == got.thread_timings
 
 
