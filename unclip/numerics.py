@@ -5,10 +5,12 @@ Which settings are fastest depends on the machine, not on what its flags promise
 with AVX512-BF16 but no AMX the same step was 10-20% *slower* than fp32, and channels-last
 helped there instead. So a stage times a handful of its own real steps under each candidate
 setting (``probe``) and keeps the fastest (``pick``); the result is cached per machine and
-workload (``NumericsCache``), and any field can be fixed in the config instead.
+workload (``NumericsCache``; a probe at another thread count still decides the dtype and
+memory format), and any field can be fixed in the config instead.
 
     candidates  (amp, memory format, threads) combinations worth timing on this device
-    probe       median seconds per step of ``step_fn`` under each candidate
+    probe       median seconds per step of ``step_fn`` under each candidate (a candidate far
+                slower than the fastest in its first call is not timed again)
     pick        the fastest; a candidate must beat plain fp32 / contiguous / most threads by
                 ``margin`` to be chosen (a tie keeps the most accurate, simplest setting)
 
@@ -156,9 +158,9 @@ def probe(
     warm-up call took more than ``prune_ratio`` times the fastest option's, and at least
     ``PRUNE_MIN_S`` (a first call carries kernel set-up that can exaggerate the ratio of
     short calls), is out of the race and is not called again: its warm-up time is its
-    timing, and it is added to ``pruned`` (on a CPU without native bf16, a bf16 sampling call took 34 s against fp32's
-    0.36 s; timing it three more times made one probe last 148 s). The reference setting
-    (``default_of``) is always timed in full. Torch's RNG state and thread count are
+    timing, and it is added to ``pruned`` (on a CPU without native bf16, a bf16 sampling
+    call took 34 s against fp32's 0.36 s; timing it three more times made one probe last
+    148 s). The reference setting (``default_of``) is always timed in full. Torch's RNG state and thread count are
     restored afterwards: probing changes no later result.
     """
     if not options:
