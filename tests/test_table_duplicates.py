@@ -79,3 +79,28 @@ def test_training_warns_once_and_reads_each_id_once(doubled, ray_session) -> Non
     assert not job.duplicates
     n = sum(len(b["image_emb"]) for b in read_split(job.table, cols, "train", 0.0).iter_batches())
     assert n == 60
+
+
+def test_a_batch_holding_the_later_copy_first_keeps_the_earlier_one() -> None:
+    """Ray Data may put a later file's rows before the earlier file's in one batch: the copy
+    that ``drop`` lists goes, the earlier file's row stays (the id is never lost)."""
+    import pyarrow as pa
+
+    from training.data import drop_duplicates
+
+    batch = pa.table(
+        {
+            "id": ["a", "b", "a", "c", "c"],
+            "path": [
+                "/t/zz.parquet",
+                "/t/zz.parquet",
+                "/t/1.parquet",
+                "/t/1.parquet",
+                "/t/1.parquet",
+            ],
+            "x": [10, 11, 12, 13, 14],
+        }
+    )
+    got = drop_duplicates(batch, {"/t/zz.parquet": frozenset({"a"})})
+    assert got.column_names == ["id", "x"]
+    assert got.to_pylist() == [{"id": "b", "x": 11}, {"id": "a", "x": 12}, {"id": "c", "x": 13}]

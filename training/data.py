@@ -121,10 +121,13 @@ def drop_duplicates(table: pa.Table, drop: Mapping[str, frozenset[str]]) -> pa.T
     """Rows of a batch read with its file's ``path``: without the ids that ``drop`` lists
     for that file (an earlier file has them) and without repeats inside the batch."""
     paths, ids = table.column("path").to_pylist(), table.column("id").to_pylist()
-    seen: set[str] = set()
-    first = first_occurrences(ids, seen)
-    keep = [f and i not in drop.get(p, ()) for p, i, f in zip(paths, ids, first, strict=True)]
-    return table.filter(pa.array(keep, pa.bool_())).drop_columns(["path"])
+    # the listed copies go first: a batch may hold a later file's rows before the earlier
+    # file's (Ray Data does not keep file order), and deduplicating first would then keep
+    # the later copy and drop the earlier one as a repeat, losing the id
+    listed = np.array([i in drop.get(p, ()) for p, i in zip(paths, ids, strict=True)], bool)
+    table = table.filter(pa.array(~listed))
+    first = first_occurrences(table.column("id").to_pylist(), set())
+    return table.filter(pa.array(first)).drop_columns(["path"])
 
 
 def prepare_batch(
