@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/unclip demo --workdir $(WORKDIR) --preset $(PRESET)
 
-test: install
-	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 -m "not multinode" tests
+test: install  # under 20 min on a 2-core CPU without AMX: the extended tests are in test-slow
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 -m "not multinode and not extended" tests
+
+test-slow: install  # the extended tests (~9 min on a 2-core CPU without AMX)
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 -m extended tests
 
 test-multinode: install  # multi-node Ray clusters on this machine: minutes each, not in `make test`
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 -m multinode tests

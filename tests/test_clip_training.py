@@ -254,6 +254,7 @@ def _initial_weights(job: ClipJob) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_s3_data_and_checkpoints_and_resume(
     ray_session: None, s3_bucket: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -277,6 +278,7 @@ def test_s3_data_and_checkpoints_and_resume(
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_quality_colour_well_above_chance(tmp_path: Path) -> None:
     """A small budget (local mode) already reads colour far above chance (1/8)."""
     data = write_shapes(str(tmp_path / "shapes"), 2000, size=64, seed=7)

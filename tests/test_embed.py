@@ -360,6 +360,7 @@ def test_cli_without_clip_names_the_choices(tmp_path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_cli_fails_loudly_above_the_error_fraction(tmp_path) -> None:
     save_tiny_clip(str(tmp_path / "clip"))
     write_bad_folder(str(tmp_path / "in"))

@@ -184,6 +184,7 @@ def test_fsdp_is_refused_with_a_clear_message_before_any_worker_starts(table) ->
 
 
 @pytest.mark.slow  # inductor compiles C++ for the CPU: a minute or more here
+@pytest.mark.extended
 def test_compiled_model_learns_like_the_eager_one(table) -> None:
     """torch.compile (inductor, CPU) of the tiny prior's network: same losses within float
     tolerance (the random draws stay eager), same state-dict keys (compiled in place)."""

@@ -73,6 +73,7 @@ def test_unclip_serve_on_all_interfaces_without_a_key_is_refused(tmp_path: Path)
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_unclip_serve_with_api_key_end_to_end(tmp_path: Path) -> None:
     bundle = make_tiny_bundle(str(tmp_path))
     port = free_port()

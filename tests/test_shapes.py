@@ -284,6 +284,7 @@ def test_oracle_reads_degraded_renders(kind: str, size: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_oracle_accuracy_table() -> None:
     """2000 renders per condition; prints the table quoted in the dataset's notes."""
     rows = []
@@ -473,6 +474,7 @@ def test_ray_generation_writes_the_same_bytes_as_local(tmp_path, ray_session) ->
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_twenty_thousand_images_well_under_a_minute(tmp_path) -> None:
     summary = make_shapes(str(tmp_path / "big"), n=20_000, workers=1)
     print(summary.line())

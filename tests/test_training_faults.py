@@ -93,6 +93,7 @@ def cli_env(**extra: str) -> dict:
     return env
 
 
+@pytest.mark.extended
 def test_driver_killed_then_resume_continues_from_the_last_checkpoint(
     table, ray_session, tmp_path
 ) -> None:
@@ -141,6 +142,7 @@ def test_driver_killed_then_resume_continues_from_the_last_checkpoint(
     assert "final checkpoint (step 600)" in text
 
 
+@pytest.mark.extended
 def test_nan_loss_stops_before_writing_a_broken_checkpoint(table, ray_session, tmp_path) -> None:
     over = tiny("prior", steps=40, checkpoint_every=5, debug_nan_at_step=13)
     over["train"]["cpus_per_worker"] = 0.5

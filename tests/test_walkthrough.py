@@ -105,6 +105,7 @@ def write_photos(folder: Path, n: int = 21) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_own_data_walkthrough_with_vit_b_32(tmp_path, ray_session, capsys) -> None:
     commands = walkthrough(DOC)
     assert [c.split()[1] for c in commands] == [
