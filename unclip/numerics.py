@@ -399,13 +399,12 @@ def from_cache(hit: Choice, options: Sequence[Numerics], margin: float) -> Choic
     timed = {o: t for o, t in hit.timings.items() if kind(o) in kinds}
     if kinds - {kind(o) for o in timed}:
         return None
-    if set(options) <= set(timed) and hit.numerics in options:
-        return hit
-    best = hit.numerics if kind(hit.numerics) in kinds else pick(timed, margin)
-    threads = min(best.threads, max(o.threads for o in options))
-    if kind(best) != kind(hit.numerics):  # the cached thread choice was for another kind
-        threads = max(o.threads for o in options)
-    return replace(hit, numerics=replace(best, threads=threads), source="cache")
+    full = max(o.threads for o in options)
+    if kind(hit.numerics) in kinds:
+        best = replace(hit.numerics, threads=min(hit.numerics.threads, full))
+    else:  # the cached winner is not allowed here; its thread choice was for another kind
+        best = replace(pick(timed, margin), threads=full)
+    return replace(hit, numerics=best, source="cache")
 
 
 def choose(
