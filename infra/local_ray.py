@@ -33,5 +33,5 @@ def init(**kwargs: Any) -> Any:
     import ray
 
     os.environ.setdefault(WORKER_NICENESS, "0")  # read by the raylet ray.init spawns
-    os.environ.setdefault(QUIET_RAY, "10")  # inherited by the workers of a raylet started here
+    os.environ.setdefault(QUIET_RAY, "idle")  # inherited by the workers of a raylet started here
     return ray.init(**kwargs)

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from training import priority
 from unclip import fs
 from unclip.conditioning import TextCond
 from unclip.metrics import clip_score, frechet_distance, frechet_interval, retrieval_top1
@@ -143,6 +144,7 @@ class EvalWorker:
             decoder_guidance_scale=config.decoder_guidance_scale,
         )
         self.ar = load_stage(config.ar_prior) if config.ar_prior else None
+        priority.quiet_session()  # a local Ray of ours: its other processes yield to this one
         self.with_states = self.pipe.with_states or (
             self.ar is not None and needs_text_states(self.ar)
         )
@@ -331,7 +333,10 @@ def evaluate(
         batch_format="numpy",
         num_cpus=cfg.num_cpus_per_worker,
     )
-    results = _collect(ds, table.num_rows, len(methods), t0)
+    try:
+        results = _collect(ds, table.num_rows, len(methods), t0)
+    finally:
+        priority.restore_session()  # the actor quieted the session (training.priority)
     gen_seconds = time.perf_counter() - t0
 
     report = EvalReport(

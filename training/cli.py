@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from training import priority
 from training.data import StageColumns, read_split, table_clip
 from training.harness import TRAIN_CONFIG, LoopConfig, load_clip, train_loop
 from training.presets import (
@@ -347,6 +348,8 @@ def execute(job: TrainJob) -> TrainOutcome:
             f"training failed: {_last_line(e)}; run directory {job.run_dir} "
             "(rerun with --resume to continue from its last checkpoint)"
         ) from None
+    finally:
+        priority.restore_session()  # the workers quieted the session (training.priority)
     metrics = dict(result.metrics or {})  # those of the latest checkpoint
     summary = dict(result.return_value or {})  # rank 0's return value of train_loop
     if "diverged" in summary:

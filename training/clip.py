@@ -353,6 +353,10 @@ def fit(job: ClipJob, train: ImageTextData) -> tuple[int, dict[str, Any]]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    if not ray.is_initialized():  # ray.put below would start one with Ray's worker nice 15
+        from infra import local_ray
+
+        local_ray.init(configure_logging=False)
     arrays = {"images": train.images, "tokens": train.tokens}
     if job.train.hard_negatives:
         arrays.update(shape_groups(job.data, train.ids))
@@ -392,6 +396,7 @@ def fit(job: ClipJob, train: ImageTextData) -> tuple[int, dict[str, Any]]:
             fs.copy_tree(d, job.out)
         return int((result.metrics or {}).get("step", 0)), dict(result.metrics or {})
     finally:
+        priority.restore_session()  # the worker quieted the session (training.priority)
         if local_dir:
             shutil.rmtree(local_dir, ignore_errors=True)
 

@@ -48,7 +48,25 @@ def session_processes(worker_pid: int) -> list[int]:
     raylet = _parent(worker_pid)
     if raylet <= 1:
         return []
-    head = _parent(raylet)  # the driver that ran ray.init (or `ray start`)
+    return _session(raylet, _parent(raylet))  # head: the driver that ran ray.init
+
+
+def driver_session(driver_pid: int | None = None) -> list[int]:
+    """The same pids seen from the driver that started the local Ray (the raylet's parent)."""
+    head = os.getpid() if driver_pid is None else driver_pid
+    raylets = [p for p in _children(head) if os.path.basename(_title(p)) == "raylet"]
+    return _session(raylets[0], head) if raylets else []
+
+
+def _children(pid: int) -> list[int]:
+    return [
+        int(e.name)
+        for e in Path("/proc").iterdir()
+        if e.name.isdigit() and _parent(int(e.name)) == pid
+    ]
+
+
+def _session(raylet: int, head: int) -> list[int]:
     procs = [raylet]
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -60,22 +78,111 @@ def session_processes(worker_pid: int) -> list[int]:
     return procs
 
 
-def quiet_session(worker_pid: int | None = None) -> list[int]:
-    """Raise the niceness of the local session's other processes to ``UNCLIP_QUIET_RAY``;
-    return the pids changed (none unless the variable is set)."""
-    target = os.environ.get(QUIET_ENV, "")
-    if not target.isdigit() or not hasattr(os, "setpriority"):
+def threads_of(pid: int) -> list[int]:
+    """The thread ids of process ``pid`` (its main thread's id is ``pid``)."""
+    try:
+        return [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir() if t.name.isdigit()]
+    except OSError:
         return []
-    nice = int(target)
+
+
+def can_restore() -> bool:
+    """Whether this process may take a thread out of SCHED_IDLE again (root, CAP_SYS_NICE,
+    or an RLIMIT_NICE that allows nice 0): only then is SCHED_IDLE used."""
+    if not hasattr(os, "SCHED_IDLE"):
+        return False
+    if os.geteuid() == 0:
+        return True
+    try:
+        import resource
+
+        if resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20:
+            return True
+        status = Path("/proc/self/status").read_text()
+    except (OSError, ValueError, ImportError):
+        return False
+    cap = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("CapEff:")), "0")
+    return bool(int(cap, 16) >> 23 & 1)  # CAP_SYS_NICE
+
+
+def parse_quiet(value: str) -> tuple[int, bool] | None:
+    """``UNCLIP_QUIET_RAY`` -> (niceness to raise to, use SCHED_IDLE), or None (off).
+
+    "idle": SCHED_IDLE where it can be undone (``can_restore``), else nice 10; a number: that
+    niceness."""
+    if value == "idle":
+        return (0, True) if can_restore() else (10, False)
+    return (int(value), False) if value.isdigit() else None
+
+
+def _quiet_thread(tid: int, nice: int, idle: bool) -> bool:
+    """Lower one thread's priority; whether anything changed."""
+    changed = False
+    if nice and os.getpriority(os.PRIO_PROCESS, tid) < nice:
+        os.setpriority(os.PRIO_PROCESS, tid, nice)
+        changed = True
+    if idle and os.sched_getscheduler(tid) != os.SCHED_IDLE:
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        changed = True
+    return changed
+
+
+def _unidle(pids: list[int]) -> list[int]:
+    """Every SCHED_IDLE thread of ``pids`` back to SCHED_OTHER; the pids changed."""
+    changed = []
+    for pid in pids:
+        hit = False
+        for tid in threads_of(pid):
+            try:
+                if os.sched_getscheduler(tid) == os.SCHED_IDLE:
+                    os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+                    hit = True
+            except OSError:
+                continue
+        if hit:
+            changed.append(pid)
+    return changed
+
+
+def quiet_session(worker_pid: int | None = None) -> list[int]:
+    """Lower the priority of the local session's other processes as ``UNCLIP_QUIET_RAY``
+    says; return the pids changed (none unless the variable is set).
+
+    Every thread of each process: on Linux niceness and scheduling policy belong to a
+    thread, and a Ray process's gRPC and event-loop threads wake up as often as its main
+    thread. SCHED_IDLE (the default of a local Ray started by this project) never preempts
+    a normal thread, whereas a niced thread still does when it wakes; a process started
+    later by a quieted one (a worker forked by the raylet) inherits the policy, so the
+    compute process first takes its own threads out of SCHED_IDLE, and the driver puts the
+    session back with ``restore_session`` when the stage ends."""
+    quiet = parse_quiet(os.environ.get(QUIET_ENV, ""))
+    if quiet is None or not hasattr(os, "setpriority"):
+        return []
+    nice, idle = quiet
     me = os.getpid() if worker_pid is None else worker_pid
+    if idle:
+        _unidle([me])
+    mine = _title(me)  # my peers (the other replicas of an actor pool) compute too
     changed = []
     for pid in session_processes(me):
-        if pid == me or _title(pid).startswith(TRAINING_TITLES):
+        title = _title(pid)
+        if pid == me or title.startswith(TRAINING_TITLES) or title == mine:
             continue
-        try:
-            if os.getpriority(os.PRIO_PROCESS, pid) < nice:
-                os.setpriority(os.PRIO_PROCESS, pid, nice)
-                changed.append(pid)
-        except OSError:  # gone, or another user's
-            continue
+        hit = False
+        for tid in threads_of(pid):
+            try:
+                hit = _quiet_thread(tid, nice, idle) or hit
+            except OSError:  # gone, or another user's
+                continue
+        if hit:
+            changed.append(pid)
     return changed
+
+
+def restore_session(driver_pid: int | None = None) -> list[int]:
+    """From the driver that started the local Ray: take the session's threads out of
+    SCHED_IDLE (after a stage, so that the next stage's processes start at full priority).
+    Niceness raised by the numeric setting stays (lowering it needs privileges)."""
+    if parse_quiet(os.environ.get(QUIET_ENV, "")) != (0, True):
+        return []
+    return _unidle(driver_session(driver_pid))
