@@ -159,7 +159,11 @@ class ClipTrainConfig:
 # Pairs of images that differ only in shape in every batch (hard_negatives 2) raised
 # zero-shot shape from 0.96 to 0.98 at 480 steps and cost nothing. The time limits are
 # safety nets at about twice the expected time on the slowest CPU of this kind.
-_QUICK = ClipTrainConfig(steps=400, warmup_steps=40, hard_negatives=2, time_limit_minutes=8)
+# The quick run's zero-shot check renders 400 held-out images instead of 1000 (~30 s less
+# on a CPU without AMX; a shape accuracy of 0.95 is then known to about +-0.01).
+_QUICK = ClipTrainConfig(
+    steps=400, warmup_steps=40, hard_negatives=2, time_limit_minutes=8, eval_images=400
+)
 _FULL = ClipTrainConfig(steps=1200, warmup_steps=60, hard_negatives=2, time_limit_minutes=20)
 _PRESETS = {"quick": _QUICK, "full": _FULL}
 
