@@ -157,7 +157,9 @@ def main() -> None:
     p.add_argument("--stages", default="decoder,prior")
     p.add_argument("--rows", type=int, default=2048)
     p.add_argument("--window", type=int, default=10)
+    p.add_argument("--ray", default="x1,x2,x2h", help="Ray runs to time (x1 is needed)")
     args = p.parse_args()
+    modes = set(args.ray.split(","))
     import ray
 
     print(f"load average before: {os.getloadavg()}", flush=True)
@@ -183,8 +185,9 @@ def main() -> None:
             plain_s[n] = statistics.median(plain(loaded, args.window, n))
             print(f"  plain {n.label}: {plain_s[n]:.3f} s/step", flush=True)
         one, batch = ray_train(stage, table, args.window, 1)
-        two, _ = ray_train(stage, table, args.window, 2)
-        half, _ = ray_train(stage, table, args.window, 2, batch // 2)
+        nan = [float("nan")]
+        two = ray_train(stage, table, args.window, 2)[0] if "x2" in modes else nan
+        half = ray_train(stage, table, args.window, 2, batch // 2)[0] if "x2h" in modes else nan
         r1, r2, rh = statistics.median(one), statistics.median(two), statistics.median(half)
         print(
             f"  ray x1 {r1:.3f} s/step (windows {', '.join(f'{x:.3f}' for x in one)}) | "

@@ -20,13 +20,14 @@ THREADED = (
 )
 # head (the "driver") -> raylet + gcs; raylet -> two training workers, an idle worker, and a
 # control actor already at nice 15. Titles set with `exec -a`, as Ray's setproctitle does.
-# The "GCS" runs two more threads (Linux keeps niceness per thread).
+# The "GCS" runs two more threads (Linux keeps niceness per thread); the idle worker has a
+# child of its own (as the dashboard has its module processes).
 TREE = f"""
 ( exec -a gcs_server {sys.executable} -c '{THREADED}' ) &
 ( exec -a raylet bash -c '
   ( exec -a ray::RayTrainWorker sleep 60 ) &
   ( exec -a ray::RayTrainWorker sleep 60 ) &
-  ( exec -a ray::IDLE sleep 60 ) &
+  ( exec -a ray::IDLE bash -c "( exec -a ray-dashboard-NodeHead-0 sleep 60 ) & wait" ) &
   ( renice -n 15 -p $BASHPID >/dev/null; exec -a ray::TrainController sleep 60 ) &
   wait' ) &
 wait
@@ -56,6 +57,7 @@ def session():
                 and len(workers) == 4
                 and "ray::TrainController" in titles
                 and len(priority.threads_of(gcs)) == 3
+                and any(_children(w) for w in workers)
             ):
                 break
             time.sleep(0.05)
@@ -82,9 +84,11 @@ def test_other_processes_of_the_session_are_reniced_training_workers_are_not(ses
     monkeypatch.setenv(priority.QUIET_ENV, "10")
     changed = priority.quiet_session(me)
 
-    assert sorted(changed) == sorted([raylet, gcs, by_title["ray::IDLE"]])
+    grandchild = _children(by_title["ray::IDLE"])
+    assert sorted(changed) == sorted([raylet, gcs, by_title["ray::IDLE"], *grandchild])
     assert _nice(raylet) == _nice(gcs) == _nice(by_title["ray::IDLE"]) == 10
     assert [_nice(t) for t in priority.threads_of(gcs)] == [10, 10, 10]  # every thread
+    assert [_nice(c) for c in grandchild] == [10]  # and their children
     assert _nice(by_title["ray::TrainController"]) == 15  # never lowered
     assert _nice(me) == _nice(by_title["ray::RayTrainWorker"]) == 0
     assert _nice(head) == 0  # the driver keeps its priority
@@ -114,6 +118,8 @@ def test_idle_quiets_every_thread_and_the_driver_restores_them(session, monkeypa
     assert policy(head) == os.SCHED_OTHER
     assert _nice(gcs) == 0  # SCHED_IDLE alone: nothing that could not be undone
 
-    assert sorted(priority.restore_session(head)) == sorted([raylet, gcs, idle, ctl])
+    assert sorted(priority.restore_session(head)) == sorted(
+        [raylet, gcs, idle, ctl, *_children(idle)]
+    )
     assert {policy(t) for t in priority.threads_of(gcs)} == {os.SCHED_OTHER}
     assert policy(raylet) == policy(idle) == os.SCHED_OTHER

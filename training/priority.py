@@ -44,7 +44,8 @@ def _title(pid: int) -> str:
 def session_processes(worker_pid: int) -> list[int]:
     """The pids of this node's Ray session seen from one of its workers: the raylet (the
     worker's parent), the workers it started, and what started with it (GCS, dashboard,
-    log monitor: the raylet's siblings), excluding the process that started them all."""
+    log monitor: the raylet's siblings), with their own children, excluding the process
+    that started them all."""
     raylet = _parent(worker_pid)
     if raylet <= 1:
         return []
@@ -67,14 +68,17 @@ def _children(pid: int) -> list[int]:
 
 
 def _session(raylet: int, head: int) -> list[int]:
-    procs = [raylet]
+    """The raylet and every process below it or below ``head`` (GCS, dashboard and the
+    dashboard's own module processes, log monitor, workers), ``head`` itself excluded."""
+    parents = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        parent = _parent(pid)
-        if parent == raylet or (head > 1 and parent == head and pid != raylet):
-            procs.append(pid)
+        if entry.name.isdigit():
+            parents[int(entry.name)] = _parent(int(entry.name))
+    roots = {raylet, head} if head > 1 else {raylet}
+    procs, frontier = [raylet], roots
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - roots
+        procs += sorted(p for p in frontier if p not in procs)
     return procs
 
 
