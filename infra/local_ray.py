@@ -11,8 +11,9 @@ second, lower-priority (nice 19) job running beside the quick demo: the CLIP tra
 
 The same local Ray's own processes (raylet, GCS, dashboard, Ray Train's and Ray Data's
 control actors, idle workers) then run at nice 0 too and wake up ~2,000 times a second in
-all, each time preempting a torch thread: ``UNCLIP_QUIET_RAY`` (set here) lets a training
-loop raise their niceness once its data is in memory (``training.priority``).
+all, each time preempting a torch thread: ``UNCLIP_QUIET_RAY`` (set here to "idle") lets a
+training loop or the evaluation actor put them in SCHED_IDLE while it computes, and the
+driver restore them when the stage ends (``training.priority``).
 
 Joining an existing cluster (``RAY_ADDRESS`` or ``address=``) changes nothing: its raylets
 already run with the cluster's own settings, and their workers never see these variables.
