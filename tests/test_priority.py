@@ -98,6 +98,9 @@ def test_other_processes_of_the_session_are_reniced_training_workers_are_not(ses
 def test_a_worker_without_a_raylet_parent_changes_nothing(monkeypatch):
     monkeypatch.setenv(priority.QUIET_ENV, "10")
     assert priority.session_processes(1) == []
+    # a local-mode training loop runs in the driver: its parent is a shell, not a raylet
+    assert priority.session_processes(os.getpid()) == []
+    assert priority.quiet_session() == []
 
 
 @pytest.mark.skipif(not priority.can_restore(), reason="SCHED_IDLE could not be undone here")

@@ -52,15 +52,19 @@ def session_processes(worker_pid: int) -> list[int]:
     log monitor: the raylet's siblings), with their own children, excluding the process
     that started them all."""
     raylet = _parent(worker_pid)
-    if raylet <= 1:
+    if raylet <= 1 or not _is_raylet(raylet):  # e.g. a local-mode loop in the driver itself
         return []
     return _session(raylet, _parent(raylet))  # head: the driver that ran ray.init
+
+
+def _is_raylet(pid: int) -> bool:
+    return os.path.basename(_title(pid)) == "raylet"
 
 
 def driver_session(driver_pid: int | None = None) -> list[int]:
     """The same pids seen from the driver that started the local Ray (the raylet's parent)."""
     head = os.getpid() if driver_pid is None else driver_pid
-    raylets = [p for p in _children(head) if os.path.basename(_title(p)) == "raylet"]
+    raylets = [p for p in _children(head) if _is_raylet(p)]
     return _session(raylets[0], head) if raylets else []
 
 
