@@ -78,6 +78,7 @@ def test_other_processes_of_the_session_are_reniced_training_workers_are_not(ses
     me = next(w for w in workers if priority._title(w) == "ray::RayTrainWorker")
     gcs = next(k for k in kids if k != raylet)
     by_title = {priority._title(w): w for w in workers if w != me}
+    monkeypatch.delenv(priority.QUIET_ENV, raising=False)  # set by any local_ray.init before
     assert priority.quiet_session(me) == []  # no variable: not our local Ray, nothing changes
     assert _nice(gcs) == 0
 
