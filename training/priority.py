@@ -68,21 +68,19 @@ def driver_session(driver_pid: int | None = None) -> list[int]:
     return _session(raylets[0], head) if raylets else []
 
 
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process (one scan of /proc)."""
+    return {int(e.name): _parent(int(e.name)) for e in Path("/proc").iterdir() if e.name.isdigit()}
+
+
 def _children(pid: int) -> list[int]:
-    return [
-        int(e.name)
-        for e in Path("/proc").iterdir()
-        if e.name.isdigit() and _parent(int(e.name)) == pid
-    ]
+    return [p for p, parent in _parents().items() if parent == pid]
 
 
 def _session(raylet: int, head: int) -> list[int]:
     """The raylet and every process below it or below ``head`` (GCS, dashboard and the
     dashboard's own module processes, log monitor, workers), ``head`` itself excluded."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            parents[int(entry.name)] = _parent(int(entry.name))
+    parents = _parents()
     roots = {raylet, head} if head > 1 else {raylet}
     procs, frontier = [raylet], roots
     while frontier:
