@@ -130,6 +130,12 @@ def main() -> None:
         "attributes: one fixed random vector per attribute value, summed: tests of how much "
         "the CLIP image embedding's content limits what is learnt)",
     )
+    p.add_argument(
+        "--ema",
+        default="",
+        help="comma list of extra EMA decays also scored at every evaluation (0 = the raw "
+        "weights), e.g. 0.99,0.995,0: how much the averaging window lags a short run",
+    )
     p.add_argument("--tag", default="")
     p.add_argument("--save", default="", help="directory for sample grids (and EMA weights)")
     p.add_argument("--load", default="", help="EMA weights (.safetensors) to evaluate only")
@@ -163,6 +169,9 @@ def main() -> None:
     if spec.prepare(state.model, files, run.heldout_fraction):  # as the Ray loop does
         state.ema = EMA(state.model, cfg.optim.ema_decay, cfg.optim.ema_warmup)
     stepper = Stepper(spec, state.model, state, None, settings)
+    tracks = {"config": state.ema}  # scored weights: the config's EMA, then --ema extras
+    for d in (float(x) for x in args.ema.split(",") if x):
+        tracks[f"ema{d:g}"] = EMA(state.model, d, cfg.optim.ema_warmup) if d else None
     ema_model = build_model(cfg).eval()
     params = sum(p.numel() for p in state.model.parameters())
     print(
@@ -186,8 +195,14 @@ def main() -> None:
             out = stepper(batch, lr_at(step, cfg.optim, run.steps))
             trained += time.perf_counter() - t
             losses.append(float(out.loss))
-        if step in evals:
-            state.ema.copy_to(ema_model)
+            for ema in tracks.values():
+                if ema is not None and ema is not state.ema:
+                    ema.update(state.model)
+        for weights, ema in tracks.items() if step in evals else ():
+            if ema is None:
+                ema_model.load_state_dict(state.model.state_dict())
+            else:
+                ema.copy_to(ema_model)
             scales = [float(g) for g in args.guidance.split(",")] if args.guidance else [None]
             etas = [float(e) for e in args.eta.split(",")] if args.eta else [None]
             for scale, eta in ((g, e) for g in scales for e in etas):
@@ -203,6 +218,7 @@ def main() -> None:
                 acc = oracle_accuracy(images, heldout)
                 record = {
                     "tag": args.tag,
+                    "weights": weights if ema is not None else "raw",
                     "step": step,
                     "guidance": scale if scale is not None else cfg.guidance_scale,
                     "eta": eta if eta is not None else cfg.sample_eta,
@@ -222,11 +238,11 @@ def main() -> None:
                     name += f"_e{eta:g}" if eta is not None else ""
                     with open(f"{args.save}/{name}.png", "wb") as f:
                         f.write(png_bytes(grid(to_uint8(big.clamp(-1, 1)), 8)))
-            if args.save and step:
+            if args.save and step and ema is state.ema:
                 from safetensors.torch import save_file
 
-                weights = {k: v.contiguous() for k, v in state.ema.state_dict().items()}
-                save_file(weights, f"{args.save}/{args.tag or 'run'}_{step}.safetensors")
+                saved = {k: v.contiguous() for k, v in state.ema.state_dict().items()}
+                save_file(saved, f"{args.save}/{args.tag or 'run'}_{step}.safetensors")
 
 
 if __name__ == "__main__":
