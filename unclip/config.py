@@ -101,6 +101,9 @@ class UNetConfig:
     # embeddings' mean and covariance (fitted before step 1): attributes that move the
     # embedding little (shape) reach the projections at the scale of those that move it a
     # lot (colour, position)
+    clip_whiten_floor: float = 1e-2  # whitening floors the eigenvalues at this fraction
+    # of the largest: directions below it (CLIP's noise) stay small instead of being blown
+    # up to the scale of the content
     clip_spatial: bool = False  # also project the CLIP embedding into a feature map at the
     # lowest resolution (added before the middle blocks): a per-position response to the
     # embedding, so it can say what to draw where, not only which channels to scale
