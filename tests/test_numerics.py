@@ -163,6 +163,21 @@ def test_fewer_threads_are_tried_on_the_winner_only(tmp_path) -> None:
     assert again.source == "cache" and again.thread_timings == got.thread_timings
 
 
+def test_fewer_threads_are_not_taken_from_a_round_timed_on_a_busy_machine() -> None:
+    """Another process on a 2-core machine makes 2 threads look slower than 1 (it takes a
+    core from them); that contention passes while the run does not, so the full thread count
+    stays. On a quiet machine the same timings choose 1 thread."""
+    one = Numerics("bf16", "contiguous", 1)
+    clock = FakeClock({FP32: 0.5, BF16: 0.3, one: 0.2})
+    busy = choose(
+        clock.step, [FP32, BF16], "w", fewer_threads=[1], clock=clock, meter=lambda: lambda: 0.6
+    )
+    assert busy.numerics == BF16 and busy.thread_timings[one] < busy.thread_timings[BF16]
+    assert "while other processes were busy: not taken" in busy.summary()
+    quiet = choose(clock.step, [FP32, BF16], "w", fewer_threads=[1], clock=clock, meter=QUIET)
+    assert quiet.numerics == one and "not taken" not in quiet.summary()
+
+
 def test_a_probe_on_a_busy_machine_is_used_but_not_cached(tmp_path) -> None:
     cache = NumericsCache(str(tmp_path / "n.json"))
     clock = FakeClock({FP32: 0.5, BF16: 0.3})

@@ -21,7 +21,7 @@ from PIL import Image
 from tests.tables import png, write_table
 from tests.tiny import save_tiny_clip
 from training.cli import bind_to_table, execute, latest_checkpoint, plan, run_location
-from training.data import StageColumns, heldout_mask, prepare_batch, table_clip
+from training.data import StageColumns, heldout_mask, prepare_batch, table_clip, train_embeddings
 from training.harness import Stepper, lr_at, new_state
 from training.presets import TrainConfig, load_config_file, preset, resolve
 from training.stages import stage_for
@@ -224,6 +224,25 @@ def test_preset_dimensions_adapt_to_the_table(data) -> None:
     assert (bound.clip.fingerprint, bound.clip.context_length) == (ident.fingerprint, 16)
     with pytest.raises(DataError, match="text width"):
         bind_to_table(prior, info, explicit={"net.text_width"})
+
+
+def test_decoder_whitens_the_table_with_the_configs_floor(data) -> None:
+    """``net.clip_whiten_floor`` reaches the fit: a low floor brings the directions of the
+    training embeddings to about unit scale, a high one keeps all but the strongest small."""
+    info = read_table_info(data["table"])
+    files = tuple(info.files)
+    cfg = bind_to_table(preset("decoder", "quick")[0], info, explicit=set())
+    emb = torch.from_numpy(train_embeddings(files, 10_000, 0.2)[0]).float()
+    spectra = {}
+    for floor in (1e-4, 0.5):
+        c = replace(cfg, net=replace(cfg.net, clip_whiten_floor=floor))
+        model = build_model(c)
+        assert stage_for(c).prepare(model, files, 0.2)
+        z = (emb - model.net.clip_mean) @ model.net.clip_whitening
+        spectra[floor] = torch.linalg.eigvalsh(torch.cov(z.T.double()))
+    low, high = spectra[1e-4], spectra[0.5]  # ascending; the tiny table spans few directions
+    assert (low[-8:] > 0.9).all() and low.max() < 1.01
+    assert high.max() < 0.7 and high[-8] < low[-8] / 2
 
 
 def test_run_location_and_existing_runs(tmp_path) -> None:

@@ -365,6 +365,7 @@ class Choice:
     thread_timings: dict[Numerics, float] = field(default_factory=dict)
     busy_elsewhere: float = 0.0  # other processes' mean busy cores during the probe
     pruned: frozenset[Numerics] = frozenset()  # timed by their warm-up call only
+    kept_threads: bool = False  # fewer threads timed faster, but on a busy machine: not taken
 
     def summary(self) -> str:
         if self.source == "fixed":
@@ -378,6 +379,8 @@ class Choice:
         line += describe(self.timings, first, self.pruned)
         if self.thread_timings:
             line += f"; threads: {describe(self.thread_timings, self.numerics, self.pruned)}"
+        if self.kept_threads:
+            line += "; fewer threads timed faster while other processes were busy: not taken"
         if self.busy_elsewhere > BUSY_LIMIT:
             line += (
                 f"; other processes kept {self.busy_elsewhere:.2f} cores busy during the"
@@ -442,13 +445,24 @@ def choose(
     chosen = pick(timings, margin)
     alternatives = [replace(chosen, threads=t) for t in fewer if t != chosen.threads]
     thread_timings: dict[Numerics, float] = {}
+    kept_threads = False
     if alternatives:
-        # the winner re-measured in the same rounds as its alternatives: these numbers decide
+        # the winner re-measured in the same rounds as its alternatives: these numbers decide,
+        # unless other processes were busy meanwhile: a process on another core slows every
+        # thread count but penalises the most threads most (on 2 cores, 2 threads share one
+        # core with it), so a busy round would trade the run's cores for a moment's contention
+        # (seen: Ray still starting up beside the CLIP's probe, 1 thread chosen, 0.8 s/step
+        # for the whole run against 0.5 at 2 threads)
+        thread_busy = meter()
         thread_timings = probe(
             step_fn, [chosen, *alternatives], warmup, repeats, clock, min_seconds
         )
-        chosen = pick(thread_timings, margin)
-    choice = Choice(chosen, timings, "probe", thread_timings, busy(), frozenset(pruned))
+        fewer_won = pick(thread_timings, margin)
+        kept_threads = fewer_won != chosen and thread_busy() > BUSY_LIMIT
+        chosen = chosen if kept_threads else fewer_won
+    choice = Choice(
+        chosen, timings, "probe", thread_timings, busy(), frozenset(pruned), kept_threads
+    )
     if cache is not None and choice.busy_elsewhere <= BUSY_LIMIT:
         cache.put(workload, choice)
     return choice
