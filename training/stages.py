@@ -194,7 +194,7 @@ class DecoderStage(Stage):
         if not self.config.net.clip_whiten:
             return False
         image_emb, _ = train_embeddings(data_files, self.fit_rows, heldout)
-        model.net.fit_whitening(torch.from_numpy(image_emb), self.config.net.clip_whiten_floor)
+        model.net.fit_whitening(torch.from_numpy(image_emb))
         return True
 
     fit_rows: int = 20_000

@@ -166,11 +166,13 @@ class UNet(nn.Module):
         )
 
     @torch.no_grad()
-    def fit_whitening(self, emb: Tensor, eps: float = 1e-2) -> None:
+    def fit_whitening(self, emb: Tensor, eps: float | None = None) -> None:
         """Fit the conditioning's whitening (``clip_whiten``) on training embeddings (N, D):
-        ZCA with the eigenvalues floored at ``eps`` times the largest, so the nearly empty
+        ZCA with the eigenvalues floored at ``eps`` (default: the config's
+        ``clip_whiten_floor``) times the largest, so the nearly empty
         directions of the embedding space are not blown up into noise."""
         assert self.cfg.clip_whiten, "clip_whiten is off"
+        eps = self.cfg.clip_whiten_floor if eps is None else eps
         z = emb.double()
         mean = z.mean(0)
         evals, evecs = torch.linalg.eigh(torch.cov((z - mean).T))
