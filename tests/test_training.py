@@ -83,7 +83,7 @@ def test_presets_fit_the_cpu_budget_and_resolve_strictly(tmp_path) -> None:
     decoder, run = preset("decoder", "quick")
     assert 0.5e6 < count_parameters(build_model(decoder)) < 2.5e6  # CPU-sized UNet
     assert decoder.net.clip_whiten and decoder.net.clip_spatial
-    assert (decoder.net.image_size, decoder.net.base_channels, run.batch_size) == (32, 32, 16)
+    assert (decoder.net.image_size, decoder.net.base_channels, run.batch_size) == (32, 32, 32)
     for stage in ("prior", "ar_prior", "decoder", "upsampler"):
         for name in ("quick", "full"):
             cfg, r = preset(stage, name)
