@@ -242,9 +242,10 @@ _CPU_RUNS: dict[tuple[str, str], TrainConfig] = {
     # a Xeon without AMX; batch 16: 0.155 s/step bf16 (AMX, in the demo), ~0.3 without AMX.
     # Three seeds each (plain loop, AMX Xeon, bf16, the 600-step CLIP's table, ground-truth
     # embeddings, 96 held-out rows): batch 32 x 900 steps colour 0.92 / 0.96 / 0.92, shape
-    # 0.67 / 0.51 / 0.57; batch 16 x 1200 (about the same demo time with AMX) colour 0.90 /
-    # 0.76 / 0.68, shape 0.58 / 0.62 / 0.32 (cosine lr 0.89 / 0.77 / 0.74, 0.45 / 0.53 /
-    # 0.63). Batch 16 had won a single-seed comparison; across seeds it is a lottery.
+    # 0.67 / 0.51 / 0.57; batch 16 x 1200 colour 0.90 / 0.76 / 0.68, shape 0.58 / 0.62 /
+    # 0.32 (cosine lr 0.89 / 0.77 / 0.74, 0.45 / 0.53 / 0.63). Batch 16 had won a
+    # single-seed comparison; across seeds it is a lottery. 900 x 32 costs 1.19x the steps'
+    # time of 1200 x 16 with AMX (interleaved, 0.289 vs 0.181 s/step), ~1.5x without.
     ("decoder", "quick"): TrainConfig(
         steps=900, batch_size=32, checkpoint_every=300, eval_every=900, log_every=50,
         time_limit_minutes=16,
