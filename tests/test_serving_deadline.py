@@ -30,6 +30,7 @@ LIMITS = {
 }
 # far more work than the deadline allows (tens of seconds on a 2-core CPU)
 LONG = {"prompt": "a red circle", "num_images": 4, "seed": 1, "decoder_steps": 1000}
+SMALL = {**LONG, "num_images": 1, "decoder_steps": 2}  # well within the deadline
 SWITCH_OFF = {"x-request-timeout-seconds": "0", "x-request-disconnect-disabled": "?1"}
 
 pytestmark = pytest.mark.slow
@@ -54,7 +55,7 @@ def _generate(url: str, body: dict, headers: dict | None = None) -> requests.Res
 
 def test_client_headers_cannot_switch_the_request_deadline_off(url: str) -> None:
     # the same work within the deadline is served, so a 504 below is the deadline's
-    short = _generate(url, {**LONG, "num_images": 1, "decoder_steps": 2})
+    short = _generate(url, SMALL)
     assert short.status_code == 200, short.text
 
     for headers in (SWITCH_OFF, {"x-request-timeout-seconds": "3600"}):
@@ -63,7 +64,7 @@ def test_client_headers_cannot_switch_the_request_deadline_off(url: str) -> None
         assert "deadline" in r.json()["detail"], r.text
         # the abandoned work stopped at its next sampling step: a small request right
         # after fits in its own deadline instead of queueing behind tens of seconds
-        after = _generate(url, {**LONG, "num_images": 1, "decoder_steps": 2})
+        after = _generate(url, SMALL)
         assert after.status_code == 200, (headers, after.text)
 
 
@@ -75,5 +76,5 @@ def test_a_client_that_leaves_with_disconnect_disabled_does_not_keep_the_stages_
     # the request runs on without its client (the header's point) until its deadline, then
     # its stages stop: once the deadline has passed, a small request is served at once
     time.sleep(DEADLINE_S)
-    r = _generate(url, {**LONG, "num_images": 1, "decoder_steps": 2})
+    r = _generate(url, SMALL)
     assert r.status_code == 200, r.text
