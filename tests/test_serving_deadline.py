@@ -33,7 +33,8 @@ LONG = {"prompt": "a red circle", "num_images": 4, "seed": 1, "decoder_steps": 1
 SMALL = {**LONG, "num_images": 1, "decoder_steps": 2}  # well within the deadline
 SWITCH_OFF = {"x-request-timeout-seconds": "0", "x-request-disconnect-disabled": "?1"}
 
-pytestmark = pytest.mark.slow
+# its own Serve deployment (~30 s): in make test-slow, to keep make test under 20 minutes
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 
 @pytest.fixture(scope="module")
