@@ -183,8 +183,8 @@ def evaluate_manipulations(
     result: dict[str, Any] = {
         "images": n,
         "output_size": size,
-        "decoder_steps": s.decoder_steps,
-        "decoder_guidance_scale": s.decoder_guidance_scale,
+        "latent_steps": s.latent_steps,
+        "latent_guidance_scale": s.latent_guidance_scale,
         "reconstruction": {
             "psnr_mean": round(float(np.mean(recon_psnr)), 2),
             "psnr_worst": round(float(np.min(recon_psnr)), 2),
@@ -249,8 +249,9 @@ def markdown(result: dict[str, Any], prefix: str = "") -> str:
     """The manipulations section of a report (numbers, and the strips under ``prefix``)."""
     r, v, t, i = (result[k] for k in ("reconstruction", "variations", "text_diff", "interpolation"))
     lines = [
-        f"Held-out shapes images: {result['images']}, decoder {result['decoder_steps']} steps, "
-        f"guidance {result['decoder_guidance_scale']:g}; {result['seconds']:.0f} s.",
+        f"Held-out shapes images: {result['images']}; inversion and decoding of the latents "
+        f"{result['latent_steps']} steps, guidance {result['latent_guidance_scale']:g}; "
+        f"{result['seconds']:.0f} s.",
         "",
         "| manipulation | measured |",
         "|---|---|",

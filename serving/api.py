@@ -91,6 +91,15 @@ class RequestModels:
         Guidance = Annotated[
             float | None, Field(ge=0.0, le=limits.max_guidance_scale, allow_inf_nan=False)
         ]
+        LatentSteps = Annotated[
+            int | None,
+            Field(
+                ge=1,
+                le=limits.max_steps,
+                description="DDIM steps of the inversion and of decoding the latents (omit "
+                "for the bundle's; fewer is faster and gives the image back less exactly)",
+            ),
+        ]
         Seed = Annotated[
             int | None,
             Field(ge=0, le=MAX_SEED, description="omit for a random seed (returned)"),
@@ -130,6 +139,7 @@ class RequestModels:
             image: ImageB64
             num_images: NumImages = 1
             eta: Annotated[float | None, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = None
+            latent_steps: LatentSteps = None
             seed: Seed = None
 
         class InterpolateRequest(BaseModel):
@@ -144,6 +154,7 @@ class RequestModels:
                 description="hold the decoder latent x_T at image_a's for every frame instead "
                 "of slerping it between the two inversions",
             )
+            latent_steps: LatentSteps = None
             seed: Seed = None
 
         class TextDiffRequest(BaseModel):
@@ -156,6 +167,7 @@ class RequestModels:
             from_text: Text | None = None
             frames: Frames
             max_strength: Annotated[float | None, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = None
+            latent_steps: LatentSteps = None
             seed: Seed = None
 
         self.generate = GenerateRequest

@@ -69,7 +69,7 @@ class LatentJob:
 
     def key(self) -> Hashable:
         s = self.settings
-        return (s.decoder_steps, s.decoder_guidance_scale, s.decoder_eta)
+        return (s.latent_steps, s.latent_guidance_scale, s.decoder_eta)
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class InvertJob:
     deadline: float | None = None
 
     def key(self) -> Hashable:
-        return (self.settings.decoder_steps, self.settings.decoder_guidance_scale)
+        return (self.settings.latent_steps, self.settings.latent_guidance_scale)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ its stages (classifier-free guidance evaluates every row twice):
 
     prior       images x candidates x prior_steps     (x2 with prior guidance)
     decoder     images x decoder_steps                (x2 with decoder guidance)
-    inversion   input images x decoder_steps          (x2 with decoder guidance)
+                (manipulations: images x latent_steps, x2 with latent guidance)
+    inversion   input images x latent_steps           (x2 with latent guidance)
     upsamplers  images x upsampler_steps, per upsampler
 
 and must stay within ``limits.max_request_cost``.
@@ -30,13 +31,15 @@ def request_cost(
     inverted: int = 0,
 ) -> dict[str, int]:
     """Network evaluations per stage for ``images`` output rows (``prior``: text-to-image;
-    ``inverted``: input images DDIM-inverted through the decoder first)."""
-    decoder = s.decoder_steps * _guided(s.decoder_guidance_scale)
+    ``inverted``: input images DDIM-inverted through the decoder first, and the outputs
+    decoded from their bipartite latents, both at the latent settings)."""
+    latent = s.latent_steps * _guided(s.latent_guidance_scale)
+    decoder = latent if inverted else s.decoder_steps * _guided(s.decoder_guidance_scale)
     cost = {
         "prior": images * s.candidates * s.prior_steps * _guided(s.prior_guidance_scale)
         if prior
         else 0,
-        "inversion": inverted * decoder,
+        "inversion": inverted * latent,
         "decoder": images * decoder,
         "upsamplers": images * s.upsampler_steps * upsamplers,
     }

@@ -176,8 +176,9 @@ class Ingress:
         start = time.perf_counter()
         n = req.num_images
         eta = manipulations.VARIATIONS_ETA if req.eta is None else req.eta
-        s = self._resolve(decoder_eta=eta)
-        self._admit(work, request_cost(n, s, len(self.upsamplers), inverted=1), ["num_images"])
+        s = self._resolve(decoder_eta=eta, latent_steps=req.latent_steps)
+        cost = request_cost(n, s, len(self.upsamplers), inverted=1)
+        self._admit(work, cost, ["num_images", "latent_steps"])
         (x,), stages = await self._inputs([req.image], ["image"], work)
         seed = self._seed(req.seed)
         out = await manipulations.compute_variations(stages, x, n, seed, s)
@@ -186,8 +187,9 @@ class Ingress:
     @_admitted
     async def interpolate(self, req: Any, work: Work) -> GenerateResponse:
         start = time.perf_counter()
-        s = self.settings
-        self._admit(work, request_cost(req.frames, s, len(self.upsamplers), inverted=2), ["frames"])
+        s = self._resolve(latent_steps=req.latent_steps)
+        cost = request_cost(req.frames, s, len(self.upsamplers), inverted=2)
+        self._admit(work, cost, ["frames", "latent_steps"])
         (a, b), stages = await self._inputs(
             [req.image_a, req.image_b], ["image_a", "image_b"], work
         )
@@ -200,8 +202,9 @@ class Ingress:
     @_admitted
     async def text_diff(self, req: Any, work: Work) -> GenerateResponse:
         start = time.perf_counter()
-        s = self.settings
-        self._admit(work, request_cost(req.frames, s, len(self.upsamplers), inverted=1), ["frames"])
+        s = self._resolve(latent_steps=req.latent_steps)
+        cost = request_cost(req.frames, s, len(self.upsamplers), inverted=1)
+        self._admit(work, cost, ["frames", "latent_steps"])
         (x,), stages = await self._inputs([req.image], ["image"], work)
         seed = self._seed(req.seed)
         out = await manipulations.compute_text_diff(

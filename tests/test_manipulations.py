@@ -4,6 +4,7 @@ manipulations' own decode path, z_i as the ETL computes it, interpolation, text 
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -106,3 +107,26 @@ def test_variations_at_eta_above_zero_differ_per_seed_and_repeat_per_seed(
     again = manipulations.variations(invertible, a, num_images=2, eta=1.0, seed=5)
     assert np.array_equal(one.images, again.images)
     assert not np.array_equal(one.images[0], one.images[1])
+
+
+def test_the_bipartite_latent_follows_the_latent_settings_not_the_generation_ones(
+    invertible: UnclipPipeline,
+) -> None:
+    """Manipulations invert and decode at ``latent_steps`` / ``latent_guidance_scale``:
+    changing the text-to-image settings (decoder steps, guidance) leaves their pixels as
+    they were; changing the latent steps does not."""
+    pipe = invertible
+    a = shape_image((255, 0, 0), (8, 8, 40, 40))
+    base = pipe.settings
+    assert (base.latent_steps, base.latent_guidance_scale) == (6, 1.0)
+    pipe.settings = replace(base, decoder_steps=2, decoder_guidance_scale=5.0)
+    try:
+        moved = manipulations.variations(pipe, a, num_images=2, eta=0.5, seed=7)
+        pipe.settings = base
+        want = manipulations.variations(pipe, a, num_images=2, eta=0.5, seed=7)
+        pipe.settings = replace(base, latent_steps=3)
+        fewer = manipulations.variations(pipe, a, num_images=2, eta=0.5, seed=7)
+    finally:
+        pipe.settings = base
+    assert np.array_equal(moved.images, want.images)
+    assert not np.array_equal(fewer.images, want.images)

@@ -12,6 +12,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -367,10 +368,15 @@ def test_request_cost_counts_rows_steps_candidates_and_guidance() -> None:
         decoder_steps=20,
         decoder_guidance_scale=3.0,
         upsampler_steps=5,
+        latent_steps=30,
+        latent_guidance_scale=1.0,
     )
     cost = request_cost(4, s, upsamplers=2, prior=True)
     assert cost == {"prior": 4 * 3 * 10, "decoder": 4 * 20 * 2, "upsamplers": 4 * 5 * 2}
-    assert request_cost(2, s, upsamplers=0, inverted=1) == {"inversion": 40, "decoder": 80}
+    # manipulations: the inversion and the decoding of latents run at the latent settings
+    assert request_cost(2, s, upsamplers=0, inverted=1) == {"inversion": 30, "decoder": 60}
+    guided = replace(s, latent_guidance_scale=2.0)
+    assert request_cost(2, guided, upsamplers=0, inverted=1) == {"inversion": 60, "decoder": 120}
     check_cost(cost, ["num_images"], budget=sum(cost.values()))
     with pytest.raises(RequestError) as e:
         check_cost(cost, ["num_images", "decoder_steps"], budget=100)

@@ -62,6 +62,7 @@ def tiny_configs(clip: Clip, text_states: bool = True, image_size: int = 16):
         ),
         clip=ref,
         sample_steps=6,
+        latent_steps=6,
     )
     upsampler = UpsamplerConfig(
         net=UNetConfig(

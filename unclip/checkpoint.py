@@ -232,6 +232,7 @@ def make_bundle(
             decoder_steps=d.sample_steps,
             decoder_guidance_scale=d.guidance_scale,
             decoder_eta=d.sample_eta,
+            latent_steps=d.latent_steps,
             upsampler_steps=configs[2].sample_steps if upsamplers else 27,
         )
     spec = BundleSpec(

@@ -196,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
         m.add_argument("--bundle", required=True)
         m.add_argument("--seed", type=int, default=0)
         m.add_argument("-o", "--out", required=True, help="output PNG (the images in a row)")
+        m.add_argument(
+            "--latent-steps",
+            type=int,
+            default=None,
+            help="DDIM steps of the inversion and of decoding the latents (default: the "
+            "bundle's, 200; fewer is faster and reconstructs less exactly)",
+        )
         m.add_argument("--device", default="cpu")
         return m
 

@@ -99,29 +99,38 @@ def _check_count(name: str, n: int, low: int, high: int = 64) -> None:
         raise UserError(f"{name} must be between {low} and {high}, got {n}")
 
 
+def _manipulation_pipe(args: argparse.Namespace) -> Any:
+    """The bundle's pipeline, with ``--latent-steps`` (the bipartite latent's DDIM steps)."""
+    from unclip.pipeline import UnclipPipeline
+
+    if args.latent_steps is not None:
+        _check_count("--latent-steps", args.latent_steps, 1, 1000)
+    pipe = UnclipPipeline.from_bundle(args.bundle, device=args.device)
+    pipe.settings = pipe.resolve(latent_steps=args.latent_steps)
+    return pipe
+
+
 def vary(args: argparse.Namespace) -> int:
     from unclip import manipulations
     from unclip.errors import UserError
-    from unclip.pipeline import UnclipPipeline
 
     _check_count("-n", args.num_images, 1)
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:
         raise UserError(f"--eta must be between 0 and 1, got {args.eta}")
     t0 = time.perf_counter()
     image = _read_image(args.image)
-    pipe = UnclipPipeline.from_bundle(args.bundle, device=args.device)
+    pipe = _manipulation_pipe(args)
     out = manipulations.variations(pipe, image, args.num_images, args.eta, args.seed)
     return _write_strip(args, out, "variations", t0)
 
 
 def interpolate(args: argparse.Namespace) -> int:
     from unclip import manipulations
-    from unclip.pipeline import UnclipPipeline
 
     _check_count("--frames", args.frames, 2)
     t0 = time.perf_counter()
     a, b = _read_image(args.image_a), _read_image(args.image_b)
-    pipe = UnclipPipeline.from_bundle(args.bundle, device=args.device)
+    pipe = _manipulation_pipe(args)
     out = manipulations.interpolate(pipe, a, b, args.frames, args.seed, args.fixed_noise)
     return _write_strip(args, out, "interpolation", t0)
 
@@ -129,7 +138,6 @@ def interpolate(args: argparse.Namespace) -> int:
 def text_diff(args: argparse.Namespace) -> int:
     from unclip import manipulations
     from unclip.errors import UserError
-    from unclip.pipeline import UnclipPipeline
 
     _check_count("--frames", args.frames, 2)
     strength = manipulations.TEXT_DIFF_STRENGTH if args.max_strength is None else args.max_strength
@@ -140,7 +148,7 @@ def text_diff(args: argparse.Namespace) -> int:
         raise UserError("--to and --from must not be empty")
     t0 = time.perf_counter()
     image = _read_image(args.image)
-    pipe = UnclipPipeline.from_bundle(args.bundle, device=args.device)
+    pipe = _manipulation_pipe(args)
     out = manipulations.text_diff(
         pipe, image, args.to_text, from_text, args.frames, strength, args.seed
     )

@@ -216,6 +216,8 @@ class DecoderConfig:
     sample_steps: int = 50
     sample_eta: float = 0.0
     guidance_scale: float = 3.0
+    # steps of the bipartite latent (inversion and its decoding; SamplingSettings.latent_steps)
+    latent_steps: int = 200
 
     def __post_init__(self) -> None:
         if self.clip_noise < 0:
@@ -262,6 +264,14 @@ class SamplingSettings:
     decoder_guidance_scale: float = 3.0
     decoder_eta: float = 0.0
     upsampler_steps: int = 27
+    # The bipartite latent of the manipulations (variations, interpolations, text diffs):
+    # DDIM inversion and the decoding of inverted latents run at these, whatever the
+    # generation settings above. Guidance 1 (no classifier-free guidance) and ~200 steps
+    # keep the deterministic ODE close enough to itself that eta 0 gives the image back;
+    # with guidance 3 or 25 steps reconstructions lose colour or background
+    # (docs/benchmarks.md, "Reconstruction by DDIM inversion").
+    latent_steps: int = 200
+    latent_guidance_scale: float = 1.0
 
 
 StageConfig = PriorConfig | ARPriorConfig | DecoderConfig | UpsamplerConfig

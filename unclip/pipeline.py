@@ -180,14 +180,14 @@ def invert_decoder(
 ) -> Tensor:
     """DDIM inversion (images (B, 3, S, S) at the decoder's size + their CLIP embeddings
     (B, D)) -> x_T (B, 3, S, S) such that ``decode_latents`` with eta 0 gives the images back
-    (unCLIP paper §3). Inversion and decoding both run at ``s.decoder_steps`` and
-    ``s.decoder_guidance_scale``: the bipartite latent belongs to that pair."""
+    (unCLIP paper §3). Inversion and decoding both run at ``s.latent_steps`` and
+    ``s.latent_guidance_scale``: the bipartite latent belongs to that pair."""
     dev = prior_device(decoder)
     return decoder.invert(
         images.to(dev),
         image_emb.to(dev),
-        steps=s.decoder_steps,
-        guidance_scale=s.decoder_guidance_scale,
+        steps=s.latent_steps,
+        guidance_scale=s.latent_guidance_scale,
         progress=progress,
     )
 
@@ -201,14 +201,15 @@ def decode_latents(
     progress: Progress | None = None,
 ) -> Tensor:
     """Bipartite latents (z_i (B, D), x_T (B, 3, S, S) from ``invert_decoder`` with the same
-    settings) -> images (B, 3, S, S) in [-1, 1], DDIM with ``s.decoder_eta`` (0: the inverted
-    image itself; > 0: variations, fresh noise from each row's seed)."""
+    settings) -> images (B, 3, S, S) in [-1, 1], DDIM at ``s.latent_steps`` and
+    ``s.latent_guidance_scale`` with ``s.decoder_eta`` (0: the inverted image itself; > 0:
+    variations, fresh noise from each row's seed)."""
     dev = prior_device(decoder)
     return decoder.decode_latent(
         image_emb.to(dev),
         x_T.to(dev),
-        steps=s.decoder_steps,
-        guidance_scale=s.decoder_guidance_scale,
+        steps=s.latent_steps,
+        guidance_scale=s.latent_guidance_scale,
         eta=s.decoder_eta,
         generator=stage_generators(seeds, STAGE_DECODER),
         progress=progress,
