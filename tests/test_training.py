@@ -122,6 +122,36 @@ def test_lr_warms_up_then_decays() -> None:
 
 
 # ---------------------------------------------------------------------- data
+def test_weight_decay_shrinks_layer_weights_only(tmp_path) -> None:
+    """With zero gradients an AdamW step is pure decay: linear and conv weights shrink by
+    lr x weight_decay; norms, biases, positional tables and the learned null conditioning
+    stay where they are (decaying them pulls the unconditional input towards 0)."""
+    from tests.tiny import tiny_configs
+
+    clip = save_tiny_clip(str(tmp_path / "clip"))
+    prior_cfg, decoder_cfg, _ = tiny_configs(clip)
+    for cfg in (prior_cfg, decoder_cfg):
+        cfg = replace(cfg, optim=OptimConfig(lr=0.1, weight_decay=0.5))
+        state = new_state(cfg)
+        for p in state.model.parameters():
+            p.grad = torch.zeros_like(p)
+            if not p.any():  # zero-initialised output layers: decay would not show
+                p.data.normal_()
+        before = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+        state.optimizer.step()
+        after = dict(state.model.named_parameters())
+        shrunk = {n for n in before if not torch.equal(before[n], after[n])}
+        for n in shrunk:
+            torch.testing.assert_close(after[n], before[n] * (1 - 0.1 * 0.5))
+        assert any(n.endswith("weight") and before[n].ndim >= 2 for n in shrunk), cfg.stage
+        kept = {n for n in before if n not in shrunk}
+        assert all(before[n].ndim < 2 or "null" in n or n.endswith("pos") for n in kept), (
+            kept - {n for n in kept if before[n].ndim < 2}
+        )
+        assert any("null" in n for n in kept), cfg.stage
+        assert any("norm" in n or ".ln" in n for n in kept), cfg.stage
+
+
 def test_heldout_split_is_stable_and_sized() -> None:
     ids = [f"img-{i}" for i in range(5000)]
     mask = heldout_mask(ids, 0.1)

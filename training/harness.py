@@ -340,6 +340,24 @@ def load_clip(stage: Stage, device: torch.device) -> Clip:
 
 
 # ---------------------------------------------------------------------- one step
+DECAYED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: weight decay on the weights of linear and convolution layers
+    only; norms, biases, embedding tables, positional tables and the learned null
+    conditioning (classifier-free guidance's unconditional input) are not pulled to 0."""
+    decay, rest = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            layer = isinstance(module, DECAYED) and name == "weight"
+            attention = isinstance(module, nn.MultiheadAttention) and name == "in_proj_weight"
+            (decay if layer or attention else rest).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
 def new_state(
     cfg: StageConfig,
     device: torch.device | str = "cpu",
@@ -350,9 +368,7 @@ def new_state(
     grad scaler."""
     model = (build_model(cfg) if model is None else model).to(device)
     o = cfg.optim
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay
-    )
+    optimizer = torch.optim.AdamW(decay_groups(model, o.weight_decay), lr=o.lr, betas=o.betas)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     return TrainState(model, optimizer, EMA(model, o.ema_decay, o.ema_warmup), scaler)
 
