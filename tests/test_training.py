@@ -145,9 +145,9 @@ def test_weight_decay_shrinks_layer_weights_only(tmp_path) -> None:
             torch.testing.assert_close(after[n], before[n] * (1 - 0.1 * 0.5))
         assert any(n.endswith("weight") and before[n].ndim >= 2 for n in shrunk), cfg.stage
         kept = {n for n in before if n not in shrunk}
-        assert all(before[n].ndim < 2 or "null" in n or n.endswith("pos") for n in kept), (
-            kept - {n for n in kept if before[n].ndim < 2}
-        )
+        assert all(before[n].ndim < 2 or "null" in n or n.endswith("pos") for n in kept), kept - {
+            n for n in kept if before[n].ndim < 2
+        }
         assert any("null" in n for n in kept), cfg.stage
         assert any("norm" in n or ".ln" in n for n in kept), cfg.stage
 
