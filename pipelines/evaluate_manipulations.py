@@ -2,12 +2,14 @@
 
 On held-out shapes images (the original files the table was made from), with the bundle's
 settings, through the building blocks of ``unclip.manipulations`` (the code the library, the
-CLI and Serve run), each image inverted once:
+CLI and Serve run), each image inverted once, every eta-0 row decoded in one call (the first
+and last frames of a text diff or an interpolation are the reconstructions themselves):
     reconstruction  eta 0, theta 0: decode (z_i, x_T) and upsample; PSNR against the image
                     at the bundle's output size (mean and worst), and whether the oracle
                     reads the same colour, shape, size, position and background
-    variations      eta ``variation_eta``: the oracle keeps colour and shape; pairwise PSNR
-                    between two variations of an image (low = they differ)
+    variations      eta ``variation_eta`` on the first ``variation_images``: the oracle keeps
+                    colour and shape; pairwise PSNR between two variations of an image (low
+                    = they differ)
     text_diff       "a red ..." -> "a blue ..." on red images: the oracle reads blue at the
                     strongest frame, and the same shape
     interpolation   pairs of images: the frames' CLIP embeddings move monotonically from a
@@ -45,6 +47,7 @@ RECON_KEYS = ("colour", "shape", "size", "position", "background")
 @dataclass(frozen=True)
 class ManipulationEvalConfig:
     n: int = 16  # held-out images inverted and reconstructed
+    variation_images: int = 8  # the first images, two variations each
     variation_eta: float = 0.5
     text_diff_images: int = 4  # red images edited towards blue (at most n)
     text_diff_frames: int = 3
@@ -120,16 +123,12 @@ def evaluate_manipulations(
         # 1-2. every image's bipartite latent, once
         z, x_T = await bipartite_latents(stages, inputs, s)
 
-        # reconstruction: eta 0, theta 0
-        recon = await decode(z, x_T, cfg.seed, 0.0)
-        # variations: two per image at eta > 0
-        var = await decode(
-            z.repeat_interleave(2, 0), x_T.repeat_interleave(2, 0), cfg.seed, cfg.variation_eta
-        )
-        # text diff "a red ..." -> "a blue ..." on the red images
+        # The eta-0 rows in one decoder call: the reconstructions (eta 0, theta 0), and only
+        # the inner frames of the text diffs and interpolations, whose first (and last)
+        # frames are reconstructions of their images.
         red = [i for i, t in enumerate(truth) if t.colour == "red"][: cfg.text_diff_images]
-        diffs = []
-        for i in red:
+        rows_z, rows_x = [z], [x_T]
+        for i in red:  # text diff "a red ..." -> "a blue ..." on the red images
             to_emb, _ = await stages.encode_text(re.sub(r"\bred\b", "blue", captions[i]))
             from_emb, _ = await stages.encode_text(captions[i])
             zd, xd = text_diff_latents(
@@ -140,21 +139,43 @@ def evaluate_manipulations(
                 cfg.text_diff_frames,
                 cfg.text_diff_strength,
             )
-            diffs.append(await decode(zd, xd, cfg.seed, 0.0))
-        # interpolation between pairs of images (i, n - 1 - i)
-        lerps, mono = [], []
-        for p in range(min(cfg.interpolation_pairs, n // 2)):
-            a, b = p, n - 1 - p
+            rows_z.append(zd[1:])
+            rows_x.append(xd[1:])
+        pairs = [(p, n - 1 - p) for p in range(min(cfg.interpolation_pairs, n // 2))]
+        for a, b in pairs:  # interpolation between pairs of images (i, n - 1 - i)
             zi, xi = interpolation_latents(
                 z[a : a + 1], x_T[a : a + 1], z[b : b + 1], x_T[b : b + 1], cfg.interpolation_frames
             )
-            frames = await decode(zi, xi, cfg.seed, 0.0)
-            lerps.append(frames)
+            rows_z.append(zi[1:-1])
+            rows_x.append(xi[1:-1])
+        eta0 = await decode(torch.cat(rows_z), torch.cat(rows_x), cfg.seed, 0.0)
+        recon, inner = eta0[:n], eta0[n:]
+        diffs, lerps = [], []
+        for i in red:
+            k = cfg.text_diff_frames - 1
+            diffs.append(np.concatenate([recon[i : i + 1], inner[:k]]))
+            inner = inner[k:]
+        for a, b in pairs:
+            k = cfg.interpolation_frames - 2
+            lerps.append(np.concatenate([recon[a : a + 1], inner[:k], recon[b : b + 1]]))
+            inner = inner[k:]
+
+        # variations: two per image at eta > 0, on the first ``variation_images``
+        v = min(cfg.variation_images, n)
+        var = await decode(
+            z[:v].repeat_interleave(2, 0),
+            x_T[:v].repeat_interleave(2, 0),
+            cfg.seed + 1,
+            cfg.variation_eta,
+        )
+
+        # interpolation: per consecutive pair of frames, cosine to a falls and to b rises
+        mono = []
+        for (a, b), frames in zip(pairs, lerps, strict=True):
             emb = pipe.clip.encode_images(
                 torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
             )
             to_a, to_b = (emb @ z[a]).tolist(), (emb @ z[b]).tolist()
-            # per consecutive pair of frames: cosine to a falls and cosine to b rises
             steps = zip(to_a, to_a[1:], to_b, to_b[1:], strict=False)
             mono.append([x1 <= x0 and y1 >= y0 for x0, x1, y0, y1 in steps])
         return {
@@ -178,7 +199,7 @@ def evaluate_manipulations(
         g.colour == truth[i // 2].colour and g.shape == truth[i // 2].shape
         for i, g in enumerate(var_read)
     ]
-    var_psnr = [psnr(r["var"][2 * i], r["var"][2 * i + 1]) for i in range(n)]
+    var_psnr = [psnr(r["var"][2 * i], r["var"][2 * i + 1]) for i in range(len(r["var"]) // 2)]
     last = [analyse(d[-1]) for d in r["diffs"]]
     result: dict[str, Any] = {
         "images": n,
@@ -191,6 +212,7 @@ def evaluate_manipulations(
             "oracle_same": round(float(np.mean(kept)), 3),
         },
         "variations": {
+            "images": len(r["var"]) // 2,
             "eta": cfg.variation_eta,
             "oracle_keeps_colour_and_shape": round(float(np.mean(var_kept)), 3),
             "pairwise_psnr_mean": round(float(np.mean(var_psnr)), 2),
@@ -227,12 +249,16 @@ def evaluate_manipulations(
         from unclip.pipeline import png_bytes
 
         k = min(cfg.strip_images, n)
+        kv = min(k, len(r["var"]) // 2)
         strips = {
             # rows: originals, reconstructions
             "reconstruction": grid(np.concatenate([originals[:k], r["recon"][:k]]), k),
             # rows: originals, first variation, second variation
             "variations": grid(
-                np.concatenate([originals[:k], r["var"][0 : 2 * k : 2], r["var"][1 : 2 * k : 2]]), k
+                np.concatenate(
+                    [originals[:kv], r["var"][0 : 2 * kv : 2], r["var"][1 : 2 * kv : 2]]
+                ),
+                kv,
             ),
         }
         if r["diffs"]:
