@@ -116,3 +116,20 @@ def test_rayservice_probes_use_liveness_and_readiness() -> None:
                 assert container["livenessProbe"]["httpGet"] == {"path": "/v1/health", "port": 8000}
                 assert container["startupProbe"]["httpGet"]["path"] == "/v1/health"
                 assert container["readinessProbe"]["httpGet"] == {"path": "/v1/ready", "port": 8000}
+
+
+def test_the_kubernetes_ingress_refuses_bodies_over_the_api_limit() -> None:
+    """Serve's proxy buffers request bodies without a limit, so the Ingress in front of it
+    carries the API's own body limit (for rayservice.yaml's limits) and points at its
+    Serve service, with a read timeout above the request deadline."""
+    from serving.limits import Limits
+
+    ingress = load(f"{KUBERAY}/ingress.yaml")
+    served = yaml.safe_load(_manifest("rayservice.yaml")["spec"]["serveConfigV2"])
+    limits = Limits.from_sources(served["applications"][0]["args"]["limits"], env={})
+    notes = ingress["metadata"]["annotations"]
+    assert int(notes["nginx.ingress.kubernetes.io/proxy-body-size"]) == limits.max_body_bytes
+    assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > limits.request_timeout_s
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    name = _manifest("rayservice.yaml")["metadata"]["name"]
+    assert backend == {"name": f"{name}-serve-svc", "port": {"number": 8000}}
