@@ -147,6 +147,9 @@ def main() -> None:
         results["serve_equals_cli"] = [
             bool(np.array_equal(a, b)) for a, b in zip(http, cli, strict=True)
         ]
+        diff = np.abs(http.astype(np.int16) - cli.astype(np.int16))
+        results["serve_cli_max_abs_diff"] = int(diff.max())
+        results["serve_cli_pixels_differing"] = round(float((diff > 0).mean()), 5)
         print("serve", json.dumps(results["serve"]), flush=True)
     report(results)
     if args.out:
@@ -168,7 +171,11 @@ def report(r: dict[str, Any]) -> None:
         )
     if "serve_equals_cli" in r:
         same = sum(r["serve_equals_cli"])
-        print(f"Serve pixels == CLI pixels on {same} of {len(r['serve_equals_cli'])} images")
+        print(
+            f"Serve pixels == CLI pixels on {same} of {len(r['serve_equals_cli'])} images; "
+            f"largest difference {r['serve_cli_max_abs_diff']} of 255 on "
+            f"{r['serve_cli_pixels_differing']:.2%} of the pixel values"
+        )
 
 
 if __name__ == "__main__":
