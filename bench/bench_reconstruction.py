@@ -108,6 +108,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--latent-steps", type=int, default=None, help="default: the bundle's")
     p.add_argument("--skip-serve", action="store_true")
+    p.add_argument(
+        "--cli-threads", type=int, default=None, help="torch threads of the CLI path (default: all)"
+    )
     p.add_argument("--out", default=None, help="also write the results as JSON")
     args = p.parse_args()
 
@@ -119,6 +122,11 @@ def main() -> None:
     )
     latent = args.latent_steps or read_bundle_spec(args.bundle).sampling.latent_steps
     results: dict[str, Any] = {"images": len(images), "ids": ids, "latent_steps": latent}
+    if args.cli_threads:
+        import torch
+
+        torch.set_num_threads(args.cli_threads)
+    results["cli_threads"] = args.cli_threads
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         cli = via_cli(images, args.bundle, args.latent_steps, tmp)
