@@ -17,7 +17,6 @@ import argparse
 import base64
 import io
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -32,19 +31,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.local_serve import local_serve  # noqa: E402
 from pipelines.evaluate import load_heldout  # noqa: E402
 from pipelines.evaluate_manipulations import RECON_KEYS, pick_images, psnr  # noqa: E402
-from serving.cli import deploy as deploy_config  # noqa: E402
-from serving.cli import load_config, serve_config  # noqa: E402
 from unclip.checkpoint import read_bundle_spec  # noqa: E402
 from unclip.cli import main as unclip_main  # noqa: E402
 from unclip.shapes.oracle import analyse  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def output_size(bundle: str) -> int:
@@ -133,24 +125,10 @@ def main() -> None:
         results["cli"] = score(cli, originals) | {"seconds": round(time.perf_counter() - t0, 1)}
         print("cli", json.dumps(results["cli"]), flush=True)
     if not args.skip_serve:
-        import ray
-        from ray import serve
-
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-        )
-        port = free_port()
-        try:
-            deploy_config(serve_config(load_config(), args.bundle, port=port), timeout_s=900)
+        with local_serve(args.bundle) as (url, _):
             t0 = time.perf_counter()
-            http = via_serve(images, f"http://127.0.0.1:{port}", args.latent_steps)
+            http = via_serve(images, url, args.latent_steps)
             seconds = round(time.perf_counter() - t0, 1)
-        finally:
-            serve.shutdown()
-            ray.shutdown()
         results["serve"] = score(http, originals) | {"seconds": seconds}
         results["serve_equals_cli"] = [
             bool(np.array_equal(a, b)) for a, b in zip(http, cli, strict=True)

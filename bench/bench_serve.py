@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -42,6 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.local_serve import free_port, local_ray  # noqa: E402
 from serving.cli import deploy as deploy_config  # noqa: E402
 from serving.cli import load_config, serve_config  # noqa: E402
 from unclip.checkpoint import make_bundle, save_stage  # noqa: E402
@@ -111,12 +111,6 @@ def quick_bundle(root: str, steps: tuple[int, int, int]) -> str:
     )
     make_bundle(f"{root}/bundle", f"{root}/clip", *paths[:2], paths[2:], sampling=sampling)
     return f"{root}/bundle"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def summarise(latencies: list[float], images: int, wall: float) -> dict[str, float]:
@@ -190,21 +184,12 @@ def main() -> None:
     assert len(steps) == 3, "--steps needs prior,decoder,upsampler"
     torch.set_num_threads(args.threads)
 
-    import ray
-    from ray import serve
-
     results: dict[str, Any] = {"steps": steps, "threads": args.threads}
     with tempfile.TemporaryDirectory() as tmp:
         bundle = quick_bundle(tmp, steps)  # type: ignore[arg-type]
         pipe = UnclipPipeline.from_bundle(bundle)
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-        )
-        port = free_port()
-        try:
+        with local_ray():
+            port = free_port()
             for on in (True, False):
                 name = "batching_on" if on else "batching_off"
                 deploy_config(serve_config(with_batching(load_config(), on), bundle, port=port))
@@ -212,9 +197,6 @@ def main() -> None:
                 results[name] = bench_phase(pipe, f"http://127.0.0.1:{port}", args.requests)
                 results[name]["load"] = {"before": load, "after": os.getloadavg()[0]}
                 print(name, json.dumps(results[name]), flush=True)
-        finally:
-            serve.shutdown()
-            ray.shutdown()
     report(results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))

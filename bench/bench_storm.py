@@ -32,14 +32,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.cli import deploy as deploy_config  # noqa: E402
-from serving.cli import load_config, serve_config  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.local_serve import local_serve  # noqa: E402
 
 
 def post(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -124,20 +117,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    import ray
-    from ray import serve
-
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-    )
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     out: dict[str, Any] = {"requests": args.requests, "images": args.images}
-    try:
-        deploy_config(serve_config(load_config(), args.bundle, port=port), timeout_s=900)
+    with local_serve(args.bundle) as (url, port):
         out["load_before"] = os.getloadavg()[0]
         stop = threading.Event()
         live: list[tuple[int, float]] = []
@@ -176,9 +157,6 @@ def main() -> None:
         after = rss_mb(names)
         out["rss_mb"] = {n: [round(before.get(n, 0)), round(after.get(n, 0))] for n in names}
         out["load_after"] = os.getloadavg()[0]
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     print(json.dumps(out, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2))
