@@ -193,10 +193,23 @@ def test_request_models_follow_the_limits() -> None:
         ({"image": "a", "to_text": "b", "frames": 1}, "frames"),
         ({"image": "a", "to_text": "b", "frames": 3, "max_strength": 0}, "max_strength"),
         ({"image": "a", "to_text": "b"}, "frames"),
+        ({"image": "a", "to_text": "b", "frames": 2, "latent_steps": 21}, "latent_steps"),
     ]:
         with pytest.raises(ValidationError) as e:
             m.text_diff.model_validate(bad)
         assert e.value.errors()[0]["loc"] == (field,), bad
+    # the bipartite latent's steps: per request on every manipulation, within max_steps
+    assert m.variations.model_validate({"image": "a", "latent_steps": 20}).latent_steps == 20
+    assert (
+        m.interpolate.model_validate({"image_a": "a", "image_b": "b", "frames": 2}).latent_steps
+        is None
+    )
+    for model in (m.variations, m.interpolate):
+        with pytest.raises(ValidationError) as e:
+            model.model_validate(
+                {"image": "a", "image_a": "a", "image_b": "b", "frames": 2, "latent_steps": 0}
+            )
+        assert ("latent_steps",) in [err["loc"] for err in e.value.errors()]
 
 
 # ---------------------------------------------------------------------- batching helpers
