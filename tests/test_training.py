@@ -323,6 +323,19 @@ def test_nan_loss_stops_with_a_clear_message(data, ray_session, tmp_path) -> Non
     assert not (tmp_path / "p").exists()
 
 
+def test_a_time_limit_cuts_a_run_only_when_steps_remain(data, ray_session, tmp_path) -> None:
+    """A limit that has passed by the first log step stops an 8-step run at step 2 and
+    says so; a 2-step run that reaches its last step as the limit passes is complete."""
+    runs = {}
+    for steps in (2, 8):
+        over = tiny("prior", steps=steps, checkpoint_every=2, time_limit_minutes=1e-6)
+        out = tmp_path / f"p{steps}"
+        execute(plan("prior", data["table"], str(out), overrides=over, workers=0))
+        runs[steps] = json.loads((out / "training.json").read_text())
+    assert runs[2]["steps_done"] == 2 and runs[2]["stopped_early"] is None
+    assert runs[8]["steps_done"] == 2 and "time limit" in runs[8]["stopped_early"]
+
+
 def test_stepper_refuses_nan_data_without_touching_the_weights(data) -> None:
     cfg = plan("prior", data["table"], "/nonexistent/p", overrides=tiny("prior")).stage
     cfg = replace(cfg, net=replace(cfg.net, text_width=0))

@@ -560,7 +560,9 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             return {"step": state.step, "diverged": msg, **done}
         window.add(out.loss)
 
-        time_up = _time_up(run, t0, step, world)
+        # the limit cuts a run only when steps remain: one that ends on its last step as
+        # the limit passes has done all it planned
+        time_up = step < run.steps and _time_up(run, t0, step, world)
         final = step == run.steps or time_up
         metrics: dict[str, Any] = {"step": step, "lr": lr, "time": round(time.time(), 3)}
         if rank == 0 and (step % run.log_every == 0 or final):
