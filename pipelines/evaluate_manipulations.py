@@ -39,9 +39,17 @@ from unclip.manipulations import (
     text_diff_latents,
 )
 from unclip.pipeline import UnclipPipeline, grid, image_seeds, to_uint8
+from unclip.shapes.attributes import SYNONYMS
 from unclip.shapes.oracle import analyse
 
 RECON_KEYS = ("colour", "shape", "size", "position", "background")
+# every word a shapes caption may use for red ("crimson", "scarlet", ...), as whole words
+RED_WORDS = re.compile(r"\b(" + "|".join(re.escape(w) for w in SYNONYMS["colour"]["red"]) + r")\b")
+
+
+def red_to_blue(caption: str) -> str:
+    """The caption with its red object made blue, whichever word it used for red."""
+    return RED_WORDS.sub("blue", caption)
 
 
 @dataclass(frozen=True)
@@ -129,7 +137,7 @@ def evaluate_manipulations(
         red = [i for i, t in enumerate(truth) if t.colour == "red"][: cfg.text_diff_images]
         rows_z, rows_x = [z], [x_T]
         for i in red:  # text diff "a red ..." -> "a blue ..." on the red images
-            to_emb, _ = await stages.encode_text(re.sub(r"\bred\b", "blue", captions[i]))
+            to_emb, _ = await stages.encode_text(red_to_blue(captions[i]))
             from_emb, _ = await stages.encode_text(captions[i])
             zd, xd = text_diff_latents(
                 z[i : i + 1],

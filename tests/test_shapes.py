@@ -158,6 +158,26 @@ def test_captions_name_exactly_their_attributes() -> None:
             assert rel and rel <= {attrs.relation, INVERSE_RELATION[attrs.relation]}, text
 
 
+def test_the_evals_text_diff_turns_every_red_caption_blue() -> None:
+    """The manipulations eval edits "a red ..." to "a blue ...": whichever word a caption
+    uses for red ("crimson", "scarlet", ...), the edit names blue and keeps the rest."""
+    from pipelines.evaluate_manipulations import red_to_blue
+
+    reds = [
+        (attrs, text)
+        for attrs, text in sample_captions(2000, seed=HELD_OUT_SEED)
+        if attrs.second is None and attrs.colour == "red"
+    ]
+    words = {
+        w for _, text in reds for w in SYNONYMS["colour"]["red"] if re.search(rf"\b{w}\b", text)
+    }
+    assert words == set(SYNONYMS["colour"]["red"])  # the captions use every word for red
+    for attrs, text in reds:
+        edited = red_to_blue(text)
+        assert _found(edited, SYNONYMS["colour"]) == {"blue"}, (text, edited)
+        assert _found(edited, SYNONYMS["shape"]) == {attrs.shape}, (text, edited)
+
+
 def test_captions_are_diverse() -> None:
     attrs = Attributes("red", "circle", "small", "top_left", "grey")
     rng = np.random.default_rng(0)
