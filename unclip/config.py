@@ -45,7 +45,7 @@ class DiffusionConfig:
     timesteps: int = 1000
     schedule: Schedule = "cosine"
     prediction: Prediction = "eps"
-    variance: Variance = "fixed_small"
+    variance: Variance = "fixed_small"  # of the reverse process: DDPM sampling only (DDIM: eta)
     loss_weighting: LossWeighting = "none"
     min_snr_gamma: float = 5.0
     clip_denoised: bool = True  # clamp predicted x0 to [-1, 1] while sampling (images)
@@ -71,7 +71,9 @@ class PriorNetConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     dropout: float = 0.0
-    num_timesteps: int = 1000  # the diffusion's training timesteps (size of the time table)
+    # not read: the timestep MLP embeds any t and the diffusion's own config sets T; kept
+    # because configs are loaded strictly and every saved prior checkpoint records it
+    num_timesteps: int = 1000
 
     def __post_init__(self) -> None:
         if self.width % self.heads:

@@ -40,12 +40,6 @@ class DiffusionPrior(nn.Module):
         return self.diffusion.training_losses(model_fn, image_emb * self.scale, t).mean()
 
     @torch.no_grad()
-    def predict_x0(self, image_emb_noised: Tensor, t: Tensor, text: TextCond) -> Tensor:
-        """One network call; for evaluation of the denoiser at a given noise level."""
-        out = self.net(image_emb_noised, t, text.emb * self.scale, text.states, text.mask)
-        return self.diffusion.x0_from_output(out, image_emb_noised, t)
-
-    @torch.no_grad()
     def sample(
         self,
         text: TextCond,
